@@ -1,0 +1,142 @@
+"""The solver of one fold: SPEC §4's Adam schedule, sized from that fold's data.
+
+One epoch is the number of augmented training images of the fold (the rows of the HDF5 files that
+DATA/fold<k>/train.txt lists). From it and a profile of paper.PROFILES:
+
+  type Adam, base_lr, momentum, momentum2, delta          (paper.py)
+  lr_policy step, gamma 0.9, stepsize = ceil(epoch / 4)   (or the profile's "stepsize")
+  weight_decay 5e-4
+  max_iter = epochs x epoch                               (or the profile's "max_iter")
+  snapshot = every epoch                                  (or the profile's "snapshot")
+  solver_mode CPU / GPU, random_seed
+
+Paths: `net` and `snapshot_prefix` are written as given; the driver passes absolute paths, so
+`caffe train -solver RUN/solver.prototxt [-weights W]` works from any directory, except that the HDF5
+lists inside the net (train.txt) are relative to DATA/fold<k>: run caffe with that as its cwd, e.g.
+`cd DATA/fold0 && caffe train -solver /abs/RUN/solver.prototxt`.
+
+CLI: python3 -m solver.make_solver --data DATA --fold K --run RUN [--profile P] [--gpu]
+writes RUN/solver.prototxt (the train net must be at RUN/train.prototxt; tools/train.py writes both).
+"""
+import argparse
+import math
+import os
+
+import h5py
+from caffe.proto import caffe_pb2
+from google.protobuf import text_format
+
+import atomic
+import paper
+
+
+def profile_settings(name):
+    """The named profile of paper.PROFILES (KeyError with the choices otherwise)."""
+    try:
+        return dict(paper.PROFILES[name])
+    except KeyError:
+        raise KeyError("unknown profile %r (choose from %s)" % (name, ", ".join(sorted(paper.PROFILES))))
+
+
+def read_list(list_path):
+    """The HDF5 paths of a Caffe HDF5Data list, resolved against the list's folder."""
+    folder = os.path.dirname(os.path.abspath(list_path))
+    with open(list_path) as f:
+        return [os.path.normpath(os.path.join(folder, line.strip())) for line in f if line.strip()]
+
+
+def count_images(list_path):
+    """Total rows of 'data' over the HDF5 files of a list (= images Caffe iterates per pass)."""
+    n = 0
+    for path in read_list(list_path):
+        with h5py.File(path, "r") as f:
+            n += int(f["data"].shape[0])
+    return n
+
+
+def epoch_size(data_dir, fold):
+    """Iterations of one epoch at batch size paper.BATCH_SIZE for DATA/fold<k>."""
+    images = count_images(os.path.join(data_dir, "fold%d" % fold, "train.txt"))
+    if images == 0:
+        raise ValueError("%s/fold%d/train.txt lists no training images" % (data_dir, fold))
+    return int(math.ceil(images / float(paper.BATCH_SIZE)))
+
+
+def schedule(epoch, profile="paper"):
+    """(max_iter, stepsize, snapshot, validate_every) of a profile for an epoch of `epoch` iterations."""
+    p = profile_settings(profile)
+    max_iter = p.get("max_iter") or int(p["epochs"] * epoch)
+    stepsize = p.get("stepsize") or int(math.ceil(epoch / float(p["lr_steps_per_epoch"])))
+    snapshot = p.get("snapshot") or (epoch if p.get("max_iter") is None else max_iter)
+    validate_every = p.get("validate_every") or max(1, int(math.ceil(epoch / float(p["validations_per_epoch"]))))
+    return int(max_iter), int(stepsize), int(min(snapshot, max_iter)), int(min(validate_every, max_iter))
+
+
+def solver_parameter(train_net, epoch, snapshot_prefix, profile="paper", gpu=False, seed=paper.SEED,
+                     max_iter=None, display=20):
+    """SolverParameter for `epoch` iterations per epoch under `profile` (max_iter overrides the profile)."""
+    p = profile_settings(profile)
+    n_iter, stepsize, snapshot, _ = schedule(epoch, profile)
+    s = caffe_pb2.SolverParameter()
+    s.net = train_net
+    s.type = paper.SOLVER_TYPE
+    s.base_lr = p["base_lr"]
+    s.momentum = paper.MOMENTUM
+    s.momentum2 = paper.MOMENTUM2
+    s.delta = paper.DELTA
+    s.lr_policy = paper.LR_POLICY
+    s.gamma = paper.LR_GAMMA
+    s.stepsize = stepsize
+    s.weight_decay = paper.WEIGHT_DECAY
+    s.max_iter = int(max_iter or n_iter)
+    s.snapshot = min(snapshot, s.max_iter)
+    s.snapshot_prefix = snapshot_prefix
+    s.display = display
+    s.average_loss = max(1, min(20, display))
+    s.random_seed = seed
+    s.solver_mode = caffe_pb2.SolverParameter.GPU if gpu else caffe_pb2.SolverParameter.CPU
+    return s
+
+
+def learning_rate(solver_param, iteration):
+    """Caffe's 'step' policy: base_lr * gamma ^ floor(iter / stepsize) (what Caffe uses at `iteration`)."""
+    return solver_param.base_lr * solver_param.gamma ** (iteration // solver_param.stepsize)
+
+
+def write(path, solver_param, header=""):
+    """Write a SolverParameter as prototxt (atomically)."""
+    text = text_format.MessageToString(solver_param)
+    atomic.write_text(path, (header + "\n" if header else "") + text)
+
+
+def read(path):
+    """Parse a solver prototxt back into a SolverParameter."""
+    s = caffe_pb2.SolverParameter()
+    with open(path) as f:
+        text_format.Merge(f.read(), s)
+    return s
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Write RUN/solver.prototxt for DATA/fold<k>: SPEC §4's Adam "
+                                             "schedule sized from the fold's training images.")
+    ap.add_argument("--data", required=True, help="DATA folder (make data)")
+    ap.add_argument("--fold", type=int, required=True, help="validation fold k")
+    ap.add_argument("--run", required=True, help="run folder; the train net is RUN/train.prototxt")
+    ap.add_argument("--profile", default=paper.DEFAULT_PROFILE, choices=sorted(paper.PROFILES))
+    ap.add_argument("--gpu", action="store_true", help="solver_mode GPU (default CPU)")
+    ap.add_argument("--seed", type=int, default=paper.SEED, help="random_seed")
+    a = ap.parse_args(argv)
+    run = os.path.abspath(a.run)
+    epoch = epoch_size(a.data, a.fold)
+    s = solver_parameter(os.path.join(run, "train.prototxt"), epoch, os.path.join(run, "snapshots", "ts_fcn"),
+                         a.profile, a.gpu, a.seed)
+    os.makedirs(os.path.join(run, "snapshots"), exist_ok=True)
+    out = os.path.join(run, "solver.prototxt")
+    write(out, s, "# profile %s, fold %d, epoch %d iterations; run caffe with cwd %s/fold%d"
+          % (a.profile, a.fold, epoch, os.path.abspath(a.data), a.fold))
+    print("%s: epoch %d, max_iter %d, stepsize %d, snapshot %d" % (out, epoch, s.max_iter, s.stepsize, s.snapshot))
+
+
+if __name__ == "__main__":
+    main()

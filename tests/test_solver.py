@@ -1,0 +1,65 @@
+"""solver/make_solver.py: SPEC §4's schedule from a fold's counts; `caffe train -solver` runs it as written."""
+import math
+import os
+import re
+import subprocess
+
+import caffe
+from caffe import layers as L
+import pytest
+
+import paper
+import tiny_data
+from solver import make_solver
+
+
+def test_paper_schedule_from_counts(tmp_path):
+    data = tiny_data.make(str(tmp_path / "data"), patients=5, slices=3)
+    epoch = make_solver.epoch_size(str(tmp_path / "data"), 0)
+    assert epoch == 4 * 3 * paper.AUGMENTATIONS          # the other four patients' augmented slices
+    s = make_solver.solver_parameter("/abs/train.prototxt", epoch, "/abs/run/snap", "paper", gpu=True, seed=7)
+    assert s.type == "Adam" and s.base_lr == pytest.approx(paper.BASE_LR)
+    assert (s.momentum, s.momentum2) == pytest.approx((paper.MOMENTUM, paper.MOMENTUM2))
+    assert s.delta == pytest.approx(paper.DELTA) and s.weight_decay == pytest.approx(paper.WEIGHT_DECAY)
+    assert s.lr_policy == "step" and s.gamma == pytest.approx(paper.LR_GAMMA)
+    assert s.stepsize == math.ceil(epoch / 4)
+    assert s.max_iter == paper.EPOCHS * epoch and s.snapshot == epoch
+    assert s.solver_mode == s.GPU and s.random_seed == 7
+    # the step policy: x0.9 four times per epoch
+    assert make_solver.learning_rate(s, epoch) == pytest.approx(paper.BASE_LR * paper.LR_GAMMA ** 4)
+    path = str(tmp_path / "solver.prototxt")
+    make_solver.write(path, s, "# header")
+    assert make_solver.read(path) == s
+    assert data
+
+
+def _tiny_net(path):
+    n = caffe.NetSpec()
+    n.data, n.label = L.HDF5Data(source="train.txt", batch_size=1, ntop=2)
+    n.score = L.Convolution(n.data, num_output=2, kernel_size=3, pad=1, weight_filler=dict(type="msra"))
+    n.loss = L.SoftmaxWithLoss(n.score, n.label)
+    with open(path, "w") as f:
+        f.write(str(n.to_proto()))
+
+
+def test_caffe_train_runs_the_written_solver(tmp_path):
+    data = tiny_data.make(str(tmp_path / "data"), patients=5, slices=1, size=20)
+    run = tmp_path / "run"
+    run.mkdir()
+    _tiny_net(str(run / "train.prototxt"))
+    s = make_solver.solver_parameter(str(run / "train.prototxt"), 8, str(run / "snap"), "paper", max_iter=4)
+    s.snapshot = 2
+    s.display = 1
+    make_solver.write(str(run / "solver.prototxt"), s)
+    r = subprocess.run(["caffe", "train", "-solver", str(run / "solver.prototxt")],
+                       cwd=os.path.join(data, "fold0"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, timeout=120,
+                       env=dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0"))
+    assert r.returncode == 0, r.stdout[-2000:]
+    for it in (2, 4):
+        assert (run / ("snap_iter_%d.caffemodel" % it)).exists()
+        assert (run / ("snap_iter_%d.solverstate" % it)).exists()
+    assert "Optimization Done" in r.stdout
+    # Caffe's own lr at iteration 3 (stepsize ceil(8/4) = 2): base_lr * 0.9
+    lr3 = float(re.search(r"Iteration 3, lr = ([0-9.e+-]+)", r.stdout).group(1))
+    assert lr3 == pytest.approx(make_solver.learning_rate(s, 3)) == pytest.approx(paper.BASE_LR * paper.LR_GAMMA)
