@@ -27,70 +27,72 @@ GPUS     ?=
 
 gpu_flag = $(if $(GPU),--gpu $(GPU))
 
-.PHONY: help env exec test demo phantoms data prototxt weights train eval cv ablation segment bench \
+.PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation segment bench \
         docker docker-test caffe-cuda clean
 
 help: ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
-env: ## make the Caffe runtime (Debian 11 + BVLC Caffe 1.0), once; prints the BLAS core chosen
-	@$(RUNTIME) ensure
+env: runtime ## make the Caffe runtime (Debian 11 + BVLC Caffe 1.0), once; prints the BLAS core chosen
 	@$(IN_RUNTIME) $(PYTHON) tools/runtime/blas_core.py --report
 
-exec: env ## run CMD='...' inside the runtime (PYTHONPATH has layers/), e.g. make exec CMD='caffe --version'
+runtime:
+	@$(RUNTIME) ensure
+
+exec: runtime ## run CMD='...' inside the runtime (PYTHONPATH has layers/), e.g. make exec CMD='caffe --version'
 	@$(IN_RUNTIME) bash -c '$(CMD)'
 
-test: env ## the test suite, in real Caffe
+test: runtime ## the test suite, in real Caffe
 	$(IN_RUNTIME) $(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
-demo: env ## phantoms -> data -> train (fast profile) -> eval -> figures, under runs/demo/
+demo: runtime ## phantoms -> data -> train (fast profile) -> eval -> figures, under runs/demo/
 	$(IN_RUNTIME) bash tools/demo.sh
 
-phantoms: env ## OUT=dir N=20 SEED=0: the built-in phantom cohort (DICOM CT + RTSTRUCT/SEG, NIfTI)
+phantoms: runtime ## OUT=dir N=20 SEED=0: the built-in phantom cohort (DICOM CT + RTSTRUCT/SEG, NIfTI)
 	$(IN_RUNTIME) $(PYTHON) -m data_prep.phantoms --out $(or $(OUT),phantoms) --n $(N) --seed $(SEED)
 
-data: env ## RAW=dir DATA=dir [FOLDS SEED JOBS ROI SKIP_BAD=1 BOX=slice]: cohort -> crops -> HDF5 folds
+data: runtime ## RAW=dir DATA=dir [FOLDS SEED JOBS ROI SKIP_BAD=1 BOX=slice]: cohort -> crops -> HDF5 folds
 	$(IN_RUNTIME) $(PYTHON) -m data_prep.make_data --raw $(RAW) --data $(DATA) --folds $(FOLDS) \
 	  --seed $(SEED) --jobs $(JOBS) $(if $(ROI),--roi '$(ROI)') $(if $(SKIP_BAD),--skip-bad) \
 	  $(if $(BOX),--box $(BOX)) $(if $(HU_WINDOW),--hu-window $(HU_WINDOW))
 
-prototxt: env ## regenerate prototxt/{train,val,deploy}.prototxt from prototxt/net.py
+prototxt: runtime ## regenerate prototxt/{train,val,deploy}.prototxt from prototxt/net.py
 	$(IN_RUNTIME) $(PYTHON) prototxt/net.py
 
-weights: env ## download the FCN-32s PASCAL (or WEIGHTS_SOURCE=vgg16) caffemodel into weights/
+weights: runtime ## download the FCN-32s PASCAL (or WEIGHTS_SOURCE=vgg16) caffemodel into weights/
 	$(IN_RUNTIME) $(PYTHON) tools/weights.py $(if $(WEIGHTS_SOURCE),--source $(WEIGHTS_SOURCE))
 
-train: env ## FOLD=k [DATA RUN WEIGHTS GPU PROFILE=paper|fast]: train one fold
+train: runtime ## FOLD=k [DATA RUN WEIGHTS GPU PROFILE=paper|fast]: train one fold
 	$(IN_RUNTIME) $(PYTHON) tools/train.py --fold $(FOLD) --data $(DATA) --run $(RUN) \
 	  --profile $(PROFILE) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(gpu_flag)
 
-eval: env ## FOLD=k [RUN SNAPSHOT GPU]: caffe test + per-patient 3D Dice + figures
+eval: runtime ## FOLD=k [RUN SNAPSHOT GPU]: caffe test + per-patient 3D Dice + figures
 	$(IN_RUNTIME) $(PYTHON) tools/evaluate.py --fold $(FOLD) --data $(DATA) --run $(RUN) \
 	  $(if $(SNAPSHOT),--snapshot $(SNAPSHOT)) $(gpu_flag)
 
-cv: env ## [GPUS=0,1,...]: every fold, then the table of 3D Dice per fold
+cv: runtime ## [GPUS=0,1,...]: every fold, then the table of 3D Dice per fold
 	$(IN_RUNTIME) $(PYTHON) tools/cv.py --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) \
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
-ablation: env ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum) as one table
+ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum) as one table
 	$(IN_RUNTIME) $(PYTHON) tools/ablation.py --raw $(or $(RAW),runs/demo/raw) --out $(or $(OUT),runs/ablation) \
 	  --profile $(or $(filter-out paper,$(PROFILE)),fast) $(gpu_flag)
 
-segment: env ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=...) MODEL=... OUT=...: tumor mask
+segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=...) MODEL=... OUT=...: tumor mask
 	$(IN_RUNTIME) $(PYTHON) tools/segment.py --scan $(SCAN) $(if $(BOX),--box $(BOX)) \
 	  $(if $(SLICES),--slices $(SLICES)) $(if $(ROI_FILE),--roi $(ROI_FILE)) --model $(MODEL) \
 	  --out $(OUT) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(gpu_flag)
 
-bench: env ## measure every stage -> bench/results.json and a table
+bench: runtime ## measure every stage -> bench/results.json and a table
 	$(IN_RUNTIME) $(PYTHON) tools/bench.py --out bench/results.json $(gpu_flag)
 
 docker: ## build the CPU image ts-fcn:cpu (Docker)
 	docker build -t ts-fcn:cpu .
 
-docker-test: env ## build the image with podman (no Docker engine or registry needed) and run make test in it
+docker-test: runtime ## build the image with podman (no Docker engine or registry needed) and run make test in it
 	bash tools/runtime/podman-test.sh
 
-caffe-cuda: env ## [CUDA_ARCH=90]: build Caffe with CUDA for current GPUs, as a relocatable bundle
+caffe-cuda: runtime ## [CUDA_ARCH=90]: build Caffe with CUDA for current GPUs, as a relocatable bundle
 	bash tools/cuda/build-caffe-cuda.sh $(or $(CUDA_ARCH),90)
 
 clean: ## remove generated data and runs in the checkout (not the runtime)
