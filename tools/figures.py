@@ -1,0 +1,139 @@
+"""The report's figures (SPEC §6) as PNGs, drawn with matplotlib (Agg) and written atomically.
+
+  fig5(png, train_log_csv, epoch, profile)   validation mean 3D Dice against iterations (Fig. 5),
+                                             with the per-patient curves faint behind it
+  panels(png, image, prob, pred, truth, title)   Figs. 6/8/9: input, tumor probability, thresholded
+                                             prediction, truth, each titled with its pixel count
+  fig7(png, image, score15, upscore, prob, title)   Fig. 7: 15x15 tumor score -> upsampled -> probability
+  dice_histogram(png, dice_2d, dice_3d, profile)    distribution of per-slice 2D Dice (and 3D per patient)
+
+Inputs are network arrays: image 3 x H x W (mean-subtracted, data_prep.intensity.net_to_display
+turns it back to grey), probabilities and masks H x W.
+"""
+import csv
+import os
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import atomic  # noqa: E402
+import paper  # noqa: E402
+
+DPI = 110
+
+
+def _save(fig, png):
+    with atomic.atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return png
+
+
+def display_image(image_chw):
+    """Grey 0..255 of a network input (the owner's inverse of the intensity mapping)."""
+    from data_prep import intensity
+    return intensity.net_to_display(image_chw)
+
+
+def read_log(csv_path):
+    """Rows of RUN/train_log.csv as dicts of floats (empty cells -> nan)."""
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        out.append({k: (float(v) if v not in ("", None) else float("nan")) for k, v in r.items()})
+    return out
+
+
+def fig5(png, csv_path, epoch=None, profile=""):
+    """Validation mean 3D Dice against iterations (the report's Fig. 5)."""
+    rows = [r for r in read_log(csv_path) if not np.isnan(r.get("val_mean_dice_3d", float("nan")))]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    if rows:
+        it = np.array([r["iteration"] for r in rows])
+        patients = [k for k in rows[0] if k not in ("iteration", "lr", "train_loss", "val_mean_dice_3d")]
+        for k in patients:
+            ax.plot(it, [r[k] for r in rows], color="0.75", lw=0.8)
+        ax.plot(it, [r["val_mean_dice_3d"] for r in rows], "o-", color="C0", lw=2, label="mean 3D Dice")
+        if patients:
+            ax.plot([], [], color="0.75", lw=0.8, label="per patient")
+        last = rows[-1]
+        ax.set_title("Validation 3D Dice: %.3f at iteration %d [%s]" % (last["val_mean_dice_3d"],
+                                                                         last["iteration"], profile))
+        ax.axhline(paper.REPORT_VAL_DICE_3D, color="C3", ls="--", lw=1,
+                   label="report, after 5 epochs (%.2f)" % paper.REPORT_VAL_DICE_3D)
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.set_title("Validation 3D Dice: no validation yet [%s]" % profile)
+    ax.set_xlabel("iteration" + (" (1 epoch = %d)" % epoch if epoch else ""))
+    ax.set_ylabel("mean validation 3D Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if epoch and rows:
+        sec = ax.secondary_xaxis("top", functions=(lambda x: x * paper.VALIDATIONS_PER_EPOCH / float(epoch),
+                                                   lambda x: x * float(epoch) / paper.VALIDATIONS_PER_EPOCH))
+        sec.set_xlabel("1/%d epochs (the report's x axis)" % paper.VALIDATIONS_PER_EPOCH)
+        ax.set_title(ax.get_title(), pad=12)
+    return _save(fig, png)
+
+
+def panels(png, image_chw, prob, pred, truth, title):
+    """Figs. 6/8/9: 2 x 2 panels (input, tumor probability, thresholded prediction, truth)."""
+    pred = np.asarray(pred) != 0
+    truth = np.asarray(truth) != 0
+    fig, axes = plt.subplots(2, 2, figsize=(7, 7.4))
+    grey = display_image(image_chw)
+    axes[0, 0].imshow(grey, cmap="gray", vmin=0, vmax=255)
+    axes[0, 0].contour(truth, levels=[0.5], colors="lime", linewidths=0.8)
+    axes[0, 0].set_title("input (truth outline)")
+    im = axes[0, 1].imshow(prob, cmap="magma", vmin=0, vmax=1)
+    axes[0, 1].set_title("tumor probability (> %.1f: %d px)" % (0.5, int((np.asarray(prob) > 0.5).sum())))
+    fig.colorbar(im, ax=axes[0, 1], fraction=0.046, pad=0.04)
+    axes[1, 0].imshow(pred, cmap="gray", vmin=0, vmax=1)
+    axes[1, 0].set_title("prediction: %d px" % int(pred.sum()))
+    axes[1, 1].imshow(truth, cmap="gray", vmin=0, vmax=1)
+    axes[1, 1].set_title("truth: %d px (overlap %d px)" % (int(truth.sum()), int((pred & truth).sum())))
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, png)
+
+
+def fig7(png, image_chw, score15, upscore, prob, title=""):
+    """Fig. 7: the 15x15 tumor score, after the bilinear deconvolution + crop, after the softmax."""
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    axes[0].imshow(display_image(image_chw), cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title("input %dx%d" % tuple(np.shape(prob)))
+    for ax, arr, name, cmap in ((axes[1], score15, "tumor score %dx%d" % np.shape(score15), "viridis"),
+                                (axes[2], upscore, "upsampled + crop %dx%d" % np.shape(upscore), "viridis"),
+                                (axes[3], prob, "tumor probability", "magma")):
+        im = ax.imshow(arr, cmap=cmap, interpolation="nearest",
+                       **({"vmin": 0, "vmax": 1} if cmap == "magma" else {}))
+        ax.set_title(name)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Fig. 7: score -> deconvolution -> softmax  " + title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, png)
+
+
+def dice_histogram(png, dice_2d, dice_3d=(), profile=""):
+    """Histogram of per-slice 2D Dice, with each patient's 3D Dice marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    d2 = np.asarray(list(dice_2d), dtype=float)
+    ax.hist(d2, bins=np.linspace(0, 1, 21), color="C0", alpha=0.8, label="2D Dice per slice (%d)" % d2.size)
+    for i, d in enumerate(dice_3d):
+        ax.axvline(d, color="C3", lw=1, alpha=0.7, label="3D Dice per patient" if i == 0 else None)
+    ax.set_xlabel("Dice")
+    ax.set_ylabel("slices")
+    mean = d2.mean() if d2.size else float("nan")
+    ax.set_title("2D Dice distribution: mean %.3f, median %.3f [%s]"
+                 % (mean, np.median(d2) if d2.size else float("nan"), profile))
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, png)
