@@ -1,0 +1,93 @@
+"""tools/train.py + tools/evaluate.py in real Caffe: learning, interruption and resume, caffe test.
+
+The nets are the TS-FCN built by prototxt/net.py with narrow fc6/fc7 (--fc-channels) so that a
+training iteration costs well under a second on 2 cores; everything else (Python loss layer,
+DiceCounts, crop, solver, snapshots) is the real thing.
+"""
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import paper
+import tiny_data
+from solver import make_solver
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "tools", "train.py")
+
+
+def _rows(run):
+    path = os.path.join(run, "train_log.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _train_cmd(data, run, *extra):
+    return [sys.executable, TRAIN, "--fold", "0", "--data", data, "--run", run, "--fc-channels", "16",
+            "--quiet"] + list(extra)
+
+
+def _wait_for_iteration(proc, run, it, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        rows = _rows(run)
+        if rows and int(rows[-1]["iteration"]) >= it:
+            return int(rows[-1]["iteration"])
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    raise AssertionError("no iteration %d within %d s" % (it, timeout))
+
+
+def test_interrupt_kill_and_resume_keep_iteration_and_lr(tmp_path):
+    # 4 training patients x 1 slice x 8 = epoch 32, stepsize 8: lr drops by 0.9 at iteration 8.
+    data = tiny_data.make(str(tmp_path / "data"), patients=5, slices=1, size=paper.INPUT_SIZE)
+    run = str(tmp_path / "run")
+    base = ["--profile", "paper", "--max-iter", "11", "--validate-every", "1", "--snapshot-every", "3"]
+    env = dict(os.environ, GLOG_minloglevel="0")
+    # 1. Ctrl-C: snapshot where it stopped, exit 130.
+    p = subprocess.Popen(_train_cmd(data, run, *base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True)
+    _wait_for_iteration(p, run, 2)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, out[-3000:]
+    stopped = int(re.search(r"stopped at iteration (\d+)", out).group(1))
+    assert stopped >= 2
+    assert os.path.exists(os.path.join(run, "snapshots", "ts_fcn_iter_%d.solverstate" % stopped))
+    # 2. resume, then a hard kill (no chance to snapshot) after the periodic snapshot at 6.
+    p = subprocess.Popen(_train_cmd(data, run, *base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True)
+    _wait_for_iteration(p, run, 7)
+    p.kill()
+    out = p.communicate(timeout=60)[0]
+    assert "resumed from snapshots/ts_fcn_iter_%d.solverstate" % stopped in out
+    assert os.path.exists(os.path.join(run, "snapshots", "ts_fcn_iter_6.solverstate"))
+    # 3. resume from iteration 6 with Caffe's own log on: its iterations and lr continue the schedule.
+    r = subprocess.run(_train_cmd(data, run, *(base + ["--display", "1"])), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, universal_newlines=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "resumed from snapshots/ts_fcn_iter_6.solverstate" in r.stdout
+    caffe_lr = {int(i): float(lr) for i, lr in re.findall(r"Iteration (\d+), lr = ([0-9.e+-]+)", r.stdout)}
+    assert sorted(caffe_lr) == list(range(6, 11)), r.stdout[-3000:]   # iterations 6..10 ran, not 0..
+    sp = make_solver.read(os.path.join(run, "solver.prototxt"))
+    assert sp.stepsize == 8
+    for it, lr in caffe_lr.items():
+        want = paper.BASE_LR * (paper.LR_GAMMA if it >= 8 else 1.0)
+        assert lr == pytest.approx(want, rel=1e-6), (it, lr)
+    rows = _rows(run)
+    iters = [int(x["iteration"]) for x in rows]
+    assert iters == sorted(set(iters)) and iters[-1] == 11 and iters[0] == 0   # no duplicate after the kill
+    assert float(rows[-1]["lr"]) == pytest.approx(paper.BASE_LR * paper.LR_GAMMA)
+    metrics = json.load(open(os.path.join(run, "metrics.json")))
+    assert metrics["iterations"] == 11 and metrics["profile"] == "paper"
+    assert os.path.getsize(os.path.join(run, "final.caffemodel")) == os.path.getsize(
+        os.path.join(run, "snapshots", "ts_fcn_iter_11.caffemodel"))
