@@ -1,0 +1,277 @@
+"""DICOM segmentations onto a CT grid: RTSTRUCT contours and DICOM-SEG frames -> a (Z, Y, X) mask.
+
+What it owns
+- ROI choice (also for several segmentation objects together): a single ROI / segment in total is
+  used whatever its name; otherwise every ROI whose name matches the regex (case-insensitive
+  search) is used, and their UNION is the tumor mask (e.g. "GTV-1" + "GTV-2" of a patient with two
+  lesions); none matching is an error listing the names present.
+- RTSTRUCT: each CLOSED_PLANAR contour (patient LPS mm) goes to one slice, by its
+  ContourImageSequence ReferencedSOPInstanceUID when that names a slice of the series, else by
+  its position along the slice normal (nearest slice within half a slice step). Points become
+  (column, row) pixel coordinates with the slice's own ImagePositionPatient and the row/column
+  cosines, and data_prep.contours.fill_polygons fills them (pixel centre inside, even-odd, so
+  several contours of a slice XOR and holes work). A contour off every slice is an error.
+- DICOM-SEG: frames go to slices by the ReferencedSOPInstanceUID of their derivation source image,
+  else by their ImagePositionPatient along the normal, whatever the frame order. The frames must
+  lie on the CT grid (same rows/columns, orientation, pixel spacing, in-plane origin).
+  BINARY frames are used as is, FRACTIONAL ones thresholded at 0.5 of MaximumFractionalValue.
+"""
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import pydicom
+
+from data_prep import contours
+from data_prep.dicom_series import quiet
+from data_prep.errors import BadInput
+
+IN_PLANE_TOLERANCE = 0.1   # pixels: a SEG frame origin further off the CT grid is another grid
+
+
+@dataclass
+class Grid:
+    """Where each voxel of a scan is in patient space (enough to map LPS points to voxels)."""
+    rows: int
+    cols: int
+    positions: np.ndarray     # (Z, 3) LPS centre of the first pixel of each slice
+    row_cos: np.ndarray       # direction of increasing column index
+    col_cos: np.ndarray       # direction of increasing row index
+    dx: float
+    dy: float
+    dz: float
+    normal: np.ndarray
+    depths: np.ndarray        # positions . normal (ascending)
+    uid_index: Dict[str, int]  # SOPInstanceUID -> slice (only UIDs naming exactly one slice)
+
+    @classmethod
+    def from_scan(cls, scan):
+        z, rows, cols = scan.hu.shape
+        a = np.asarray(scan.affine, dtype=np.float64)
+        dx, dy = float(np.linalg.norm(a[:3, 0])), float(np.linalg.norm(a[:3, 1]))
+        row_cos, col_cos = a[:3, 0] / dx, a[:3, 1] / dy
+        normal = np.cross(row_cos, col_cos)
+        normal /= np.linalg.norm(normal)
+        positions = (a @ np.c_[np.zeros((z, 2)), np.arange(z), np.ones(z)].T).T[:, :3]
+        if scan.headers and len(scan.headers) == z:
+            ipp = [h.get("ImagePositionPatient") for h in scan.headers]
+            if all(p is not None for p in ipp):          # classic CT: the exact positions
+                positions = np.array([[float(v) for v in p] for p in ipp])
+        uid_index = {}
+        if scan.slice_uids:
+            counts = {}
+            for u in scan.slice_uids:
+                counts[u] = counts.get(u, 0) + 1
+            uid_index = {u: k for k, u in enumerate(scan.slice_uids) if counts[u] == 1}
+        return cls(rows=rows, cols=cols, positions=positions, row_cos=row_cos, col_cos=col_cos,
+                   dx=dx, dy=dy, dz=float(scan.spacing[0]), normal=normal, depths=positions @ normal,
+                   uid_index=uid_index)
+
+    def slice_at(self, depth):
+        """Nearest slice to a plane at `depth` mm along the normal, or None beyond half a step."""
+        k = int(np.argmin(np.abs(self.depths - depth)))
+        return k if abs(self.depths[k] - depth) <= 0.5 * self.dz + 1e-3 else None
+
+    def in_plane(self, points, k):
+        """(N, 3) LPS points -> (N, 2) (column, row) pixel coordinates in slice k."""
+        d = points - self.positions[k]
+        return np.c_[d @ self.row_cos / self.dx, d @ self.col_cos / self.dy]
+
+
+# --- ROI choice ----------------------------------------------------------------------------------
+
+def select_rois(names, roi_regex, patient, rel):
+    """Keys of the ROIs to use from {key: name}: the only one, or all whose name matches."""
+    if len(names) == 1:
+        return list(names)
+    pattern = re.compile(roi_regex, re.IGNORECASE)
+    chosen = [k for k, n in names.items() if pattern.search(n)]
+    if not chosen:
+        raise BadInput(patient, rel, "no ROI matches /%s/ (ROIs present: %s)"
+                       % (roi_regex, ", ".join("'%s'" % n for n in names.values()) or "none"))
+    return chosen
+
+
+def referenced_series(ds):
+    """SeriesInstanceUIDs a RTSTRUCT or SEG says it was drawn on."""
+    uids = set()
+    for fr in ds.get("ReferencedFrameOfReferenceSequence") or []:
+        for st in fr.get("RTReferencedStudySequence") or []:
+            for se in st.get("RTReferencedSeriesSequence") or []:
+                if "SeriesInstanceUID" in se:
+                    uids.add(str(se.SeriesInstanceUID))
+    for se in ds.get("ReferencedSeriesSequence") or []:
+        if "SeriesInstanceUID" in se:
+            uids.add(str(se.SeriesInstanceUID))
+    return uids
+
+
+def roi_names(f):
+    """{(rel, number): name} of the ROIs of one RTSTRUCT or segments of one SEG (header only)."""
+    ds = f.header
+    if f.kind == "rtstruct":
+        return {(f.rel, int(r.ROINumber)): str(r.get("ROIName", "")) for r in ds.get("StructureSetROISequence") or []}
+    return {(f.rel, int(s.SegmentNumber)): str(s.get("SegmentLabel", "")) for s in ds.get("SegmentSequence") or []}
+
+
+# --- RTSTRUCT ------------------------------------------------------------------------------------
+
+def _contour_points(item):
+    """ContourData as (N, 3), parsed from the raw bytes when possible (much faster than DS values)."""
+    elem = item.get_item(0x30060050)
+    if elem is None:
+        return np.zeros((0, 3))
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        pts = np.array(value.replace(b"\\", b" ").split(), dtype=np.float64)
+    else:
+        try:
+            pts = np.array([float(v) for v in value], dtype=np.float64)
+        except TypeError:   # a single value
+            pts = np.array([float(value)])
+    return pts[: len(pts) // 3 * 3].reshape(-1, 3)
+
+
+def rasterise_rtstruct(f, numbers, grid, patient):
+    """Union of the ROIs `numbers` of RTSTRUCT file `f` on `grid` -> bool (Z, Y, X)."""
+    per_slice: Dict[int, List[np.ndarray]] = {}
+    for rc in f.header.get("ROIContourSequence") or []:
+        if int(rc.get("ReferencedROINumber", -1)) not in numbers:
+            continue
+        roi_polys: Dict[int, List[np.ndarray]] = {}
+        for c in rc.get("ContourSequence") or []:
+            if str(c.get("ContourGeometricType", "CLOSED_PLANAR")).upper() != "CLOSED_PLANAR":
+                continue
+            pts = _contour_points(c)
+            if len(pts) < 3:
+                continue
+            depth = float(np.mean(pts @ grid.normal))
+            k = grid.slice_at(depth)
+            refs = c.get("ContourImageSequence") or []
+            ref_uid = str(refs[0].get("ReferencedSOPInstanceUID", "")) if refs else ""
+            if ref_uid in grid.uid_index:
+                k_uid = grid.uid_index[ref_uid]
+                if k is not None and k != k_uid:
+                    raise BadInput(patient, f.rel, "a contour of ROI %d lies at %.2f mm along the normal but "
+                                   "references the slice at %.2f mm" % (int(rc.ReferencedROINumber), depth,
+                                                                       grid.depths[k_uid]))
+                k = k_uid
+            if k is None:
+                raise BadInput(patient, f.rel, "a contour of ROI %d lies at %.2f mm along the normal, off "
+                               "every CT slice (%.2f to %.2f mm)" % (int(rc.ReferencedROINumber), depth,
+                                                                   grid.depths[0], grid.depths[-1]))
+            roi_polys.setdefault(k, []).append(grid.in_plane(pts, k))
+        # XOR within one ROI (holes); union across ROIs
+        for k, polys in roi_polys.items():
+            per_slice.setdefault(k, []).append(contours.fill_polygons(polys, (grid.rows, grid.cols)))
+    mask = np.zeros((len(grid.depths), grid.rows, grid.cols), dtype=bool)
+    for k, fills in per_slice.items():
+        for m in fills:
+            mask[k] |= m
+    return mask
+
+
+# --- DICOM-SEG -----------------------------------------------------------------------------------
+
+def _first(groups, seq_name, attr):
+    for g in groups:
+        if g is None:
+            continue
+        seq = g.get(seq_name)
+        if seq and attr in seq[0]:
+            return seq[0].get(attr)
+    return None
+
+
+def _frame_source_uid(fg):
+    for d in fg.get("DerivationImageSequence") or []:
+        for s in d.get("SourceImageSequence") or []:
+            if "ReferencedSOPInstanceUID" in s:
+                return str(s.ReferencedSOPInstanceUID)
+    return None
+
+
+def rasterise_seg(f, numbers, grid, patient):
+    """Union of the segments `numbers` of SEG file `f` on `grid` -> bool (Z, Y, X)."""
+    with quiet():
+        try:
+            ds = pydicom.dcmread(f.path, force=True)
+            frames = np.asarray(ds.pixel_array)
+        except Exception as e:
+            raise BadInput(patient, f.rel, "unreadable DICOM-SEG (%s: %s)" % (type(e).__name__, e))
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = frames.reshape(n, rows, cols)
+    if (rows, cols) != (grid.rows, grid.cols):
+        raise BadInput(patient, f.rel, "SEG frames of %dx%d pixels, CT slices of %dx%d: different grids"
+                       % (rows, cols, grid.rows, grid.cols))
+    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
+        frames = frames >= 0.5 * float(ds.get("MaximumFractionalValue", 255) or 255)
+    else:
+        frames = frames > 0
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+    per = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per) != n:
+        raise BadInput(patient, f.rel, "SEG with %d frames but %d per-frame groups" % (n, len(per)))
+    iop = _first((shared,) + tuple(per[:1]), "PlaneOrientationSequence", "ImageOrientationPatient")
+    if iop is not None:
+        iop = np.array([float(v) for v in iop])
+        if np.max(np.abs(iop - np.r_[grid.row_cos, grid.col_cos])) > 1e-3:
+            raise BadInput(patient, f.rel, "SEG orientation differs from the CT series: different grids")
+    ps = _first((shared,) + tuple(per[:1]), "PixelMeasuresSequence", "PixelSpacing")
+    if ps is not None:
+        ps = np.array([float(v) for v in ps])
+        if np.max(np.abs(ps - (grid.dy, grid.dx))) > 1e-3 * max(grid.dx, grid.dy):
+            raise BadInput(patient, f.rel, "SEG pixel spacing differs from the CT series: different grids")
+    mask = np.zeros((len(grid.depths), grid.rows, grid.cols), dtype=bool)
+    for i, fg in enumerate(per):
+        groups = (fg, shared)
+        number = _first(groups, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
+        if number is None or int(number) not in numbers:
+            continue
+        k = None
+        pos = _first(groups, "PlanePositionSequence", "ImagePositionPatient")
+        if pos is not None:
+            pos = np.array([float(v) for v in pos])
+            k = grid.slice_at(float(pos @ grid.normal))
+            if k is not None:
+                off = grid.in_plane(pos[None], k)[0]
+                if np.max(np.abs(off)) > IN_PLANE_TOLERANCE:
+                    raise BadInput(patient, f.rel, "SEG frame %d starts %.2f, %.2f pixels off the CT slice "
+                                   "origin: different grids" % (i + 1, off[0], off[1]))
+        uid = _frame_source_uid(fg)
+        if uid in grid.uid_index:
+            if k is not None and k != grid.uid_index[uid]:
+                raise BadInput(patient, f.rel, "SEG frame %d lies on another slice than the image it "
+                               "references" % (i + 1))
+            k = grid.uid_index[uid]
+        if k is None:
+            raise BadInput(patient, f.rel, "SEG frame %d matches no CT slice (by referenced image or "
+                           "position)" % (i + 1))
+        mask[k] |= frames[i]
+    return mask
+
+
+def rasterise(files, grid, roi_regex, patient):
+    """The tumor mask (uint8 Z, Y, X) of segmentation objects `files` on `grid`, and the kind used."""
+    names = {}
+    for f in files:
+        names.update(roi_names(f))
+    rel = files[0].rel if len(files) == 1 else "."
+    chosen = select_rois(names, roi_regex, patient, rel)
+    mask = np.zeros((len(grid.depths), grid.rows, grid.cols), dtype=bool)
+    kinds = []
+    for f in files:
+        numbers = {num for (r, num) in chosen if r == f.rel}
+        if not numbers:
+            continue
+        kinds.append(f.kind)
+        fn = rasterise_rtstruct if f.kind == "rtstruct" else rasterise_seg
+        mask |= fn(f, numbers, grid, patient)
+    if not mask.any():
+        used = ", ".join("'%s'" % names[k] for k in chosen)
+        raise BadInput(patient, rel if len({r for r, _ in chosen}) != 1 else chosen[0][0],
+                       "empty mask: ROI %s has no voxel on the CT grid" % used)
+    return mask.astype(np.uint8), ("dicom-rtstruct" if kinds[0] == "rtstruct" else "dicom-seg")
