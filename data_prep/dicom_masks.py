@@ -133,8 +133,8 @@ def _contour_points(item):
     return pts[: len(pts) // 3 * 3].reshape(-1, 3)
 
 
-def rasterise_rtstruct(f, numbers, grid, patient):
-    """Union of the ROIs `numbers` of RTSTRUCT file `f` on `grid` -> bool (Z, Y, X)."""
+def rasterise_rtstruct(f, numbers, grid, patient, mask):
+    """OR the ROIs `numbers` of RTSTRUCT file `f` on `grid` into bool `mask` (Z, Y, X)."""
     per_slice: Dict[int, List[np.ndarray]] = {}
     for rc in f.header.get("ROIContourSequence") or []:
         if int(rc.get("ReferencedROINumber", -1)) not in numbers:
@@ -165,11 +165,9 @@ def rasterise_rtstruct(f, numbers, grid, patient):
         # XOR within one ROI (holes); union across ROIs
         for k, polys in roi_polys.items():
             per_slice.setdefault(k, []).append(contours.fill_polygons(polys, (grid.rows, grid.cols)))
-    mask = np.zeros((len(grid.depths), grid.rows, grid.cols), dtype=bool)
     for k, fills in per_slice.items():
         for m in fills:
             mask[k] |= m
-    return mask
 
 
 # --- DICOM-SEG -----------------------------------------------------------------------------------
@@ -192,8 +190,8 @@ def _frame_source_uid(fg):
     return None
 
 
-def rasterise_seg(f, numbers, grid, patient):
-    """Union of the segments `numbers` of SEG file `f` on `grid` -> bool (Z, Y, X)."""
+def rasterise_seg(f, numbers, grid, patient, mask):
+    """OR the segments `numbers` of SEG file `f` on `grid` into bool `mask` (Z, Y, X)."""
     with quiet():
         try:
             ds = pydicom.dcmread(f.path, force=True)
@@ -225,7 +223,6 @@ def rasterise_seg(f, numbers, grid, patient):
         ps = np.array([float(v) for v in ps])
         if np.max(np.abs(ps - (grid.dy, grid.dx))) > 1e-3 * max(grid.dx, grid.dy):
             raise BadInput(patient, f.rel, "SEG pixel spacing differs from the CT series: different grids")
-    mask = np.zeros((len(grid.depths), grid.rows, grid.cols), dtype=bool)
     for i, fg in enumerate(per):
         groups = (fg, shared)
         number = _first(groups, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
@@ -251,7 +248,6 @@ def rasterise_seg(f, numbers, grid, patient):
             raise BadInput(patient, f.rel, "SEG frame %d matches no CT slice (by referenced image or "
                            "position)" % (i + 1))
         mask[k] |= frames[i]
-    return mask
 
 
 def rasterise(files, grid, roi_regex, patient):
@@ -269,9 +265,9 @@ def rasterise(files, grid, roi_regex, patient):
             continue
         kinds.append(f.kind)
         fn = rasterise_rtstruct if f.kind == "rtstruct" else rasterise_seg
-        mask |= fn(f, numbers, grid, patient)
+        fn(f, numbers, grid, patient, mask)
     if not mask.any():
         used = ", ".join("'%s'" % names[k] for k in chosen)
         raise BadInput(patient, rel if len({r for r, _ in chosen}) != 1 else chosen[0][0],
                        "empty mask: ROI %s has no voxel on the CT grid" % used)
-    return mask.astype(np.uint8), ("dicom-rtstruct" if kinds[0] == "rtstruct" else "dicom-seg")
+    return mask.view(np.uint8), ("dicom-rtstruct" if kinds[0] == "rtstruct" else "dicom-seg")

@@ -46,6 +46,8 @@ LEGACY_ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 DICOMDIR = "1.2.840.10008.1.3.10"
+PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
+EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 
 AXIAL_MAX_TILT_DEG = 30.0  # slice normal within 30 deg of the body axis: axial (gantry-tilted axial is fine)
 AXIAL_MIN_COS = float(np.cos(np.radians(AXIAL_MAX_TILT_DEG)))
@@ -60,6 +62,7 @@ class DicomFile:
     rel: str                  # relative to the patient folder (used in messages)
     header: pydicom.Dataset
     kind: str                 # 'ct' | 'rtstruct' | 'seg' | 'other'
+    pixel_offset: Optional[int] = None   # byte offset of the (7FE0,0010) tag, when the header pass saw it
 
 
 @dataclass
@@ -130,10 +133,14 @@ def read_header(path, rel, patient):
     if marker is None:
         return None
     try:
-        with quiet():
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=(marker == "maybe"))
+        with quiet(), open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=(marker == "maybe"))
             if "SOPClassUID" in ds:
                 ds.SOPClassUID  # noqa: B018 - parse the value now
+            # pydicom stops with the file at the pixel data tag: remember where, so that native
+            # pixel data can be read later without parsing the header a second time
+            offset = fp.tell()
+            pixel_offset = offset if fp.read(4) == PIXEL_DATA_TAG_LE else None
     except Exception as e:  # pydicom raises many types for damaged files
         if marker == "maybe":
             return None
@@ -143,7 +150,7 @@ def read_header(path, rel, patient):
         if marker == "maybe" or (meta is not None and meta.get("MediaStorageSOPClassUID") == DICOMDIR):
             return None
         raise BadInput(patient, rel, "unreadable DICOM: damaged or truncated header (no SOPClassUID)")
-    return DicomFile(path=path, rel=rel, header=ds, kind=_kind(ds))
+    return DicomFile(path=path, rel=rel, header=ds, kind=_kind(ds), pixel_offset=pixel_offset)
 
 
 def find_dicom(folder, patient):
@@ -354,8 +361,46 @@ def _fix_stored_bits(arr, ds):
     return arr & arr.dtype.type((1 << bits) - 1)
 
 
+def _native_pixels(f, patient):
+    """Native little-endian pixel data read straight from the file at the offset the header pass
+    found (what pydicom's numpy handler does, minus a second header parse), or None to fall back."""
+    ds = f.header
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if f.pixel_offset is None or ts not in (EXPLICIT_LE, IMPLICIT_LE):
+        return None
+    bits, pixrep = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("PixelRepresentation", 0) or 0)
+    if bits not in (8, 16, 32):
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    expected = rows * cols * frames * bits // 8
+    with open(f.path, "rb") as fp:
+        fp.seek(f.pixel_offset + 4)
+        if ts == EXPLICIT_LE:
+            vr = fp.read(2)
+            if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN", b"OV"):
+                fp.read(2)
+                length = int.from_bytes(fp.read(4), "little")
+            else:
+                length = int.from_bytes(fp.read(2), "little")
+        else:
+            length = int.from_bytes(fp.read(4), "little")
+        if length == 0xFFFFFFFF:                   # encapsulated although the syntax is native
+            return None
+        data = fp.read(min(length, expected))
+    if length < expected or len(data) < expected:
+        raise BadInput(patient, f.rel, "truncated pixel data (%d of %d bytes)" % (min(length, len(data)), expected))
+    dtype = np.dtype("<%s%d" % ("i" if pixrep == 1 else "u", bits // 8))
+    arr = np.frombuffer(data, dtype=dtype).reshape(frames, rows, cols)
+    return _fix_stored_bits(arr, ds)
+
+
 def read_pixels(f, patient):
     """Decoded stored values of one file, (frames, rows, cols)."""
+    fast = _native_pixels(f, patient)
+    if fast is not None:
+        return fast
     with quiet():
         try:
             ds = pydicom.dcmread(f.path, force=True)

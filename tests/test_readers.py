@@ -445,3 +445,55 @@ def test_axial_series_with_most_slices_wins(rt_patient):
     write_ct(str(folder / "thick"), truth_hu(4), pos=positions(4, dz=5.0))  # axial, fewer slices
     scan = readers.load_scan(str(folder))
     assert scan.slice_uids == uids and np.array_equal(scan.hu, truth_hu())
+
+
+# --- the phantom cohort (data_prep.phantoms) against its truth -----------------------------------
+
+def _phantom(tmp_path, kind, index=2):
+    from data_prep import phantoms
+    p = phantoms.make_patient(0, index, kind=kind, n_slices=14, tumor_mm=45, size=96)
+    folder = tmp_path / kind
+    phantoms.write_patient(str(folder), p)
+    return p, folder
+
+
+def _dice(a, b):
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("kind", ["rtstruct", "seg", "nifti", "nrrd"])
+def test_phantom_patients_read_back_their_truth(tmp_path, kind):
+    p, folder = _phantom(tmp_path, kind)
+    scan = readers.load_patient(str(folder), patient="P001")
+    assert scan.source_kind == {"rtstruct": "dicom-rtstruct", "seg": "dicom-seg"}.get(kind, kind)
+    assert np.array_equal(scan.hu, p["hu"].astype(np.float32))
+    assert p["mask"].sum() > 50 and _dice(scan.mask, p["mask"]) >= 0.98
+    assert scan.affine == pytest.approx(p["affine"], abs=1e-4)
+    assert scan.spacing == pytest.approx(p["spacing"], abs=1e-5)
+    if kind in ("rtstruct", "seg"):
+        assert len(scan.slice_uids) == len(scan.headers) == len(p["hu"])
+        z = [float(h.ImagePositionPatient[2]) for h in scan.headers]
+        assert z == pytest.approx(list(p["positions"]))
+
+
+@pytest.mark.parametrize("kind", ["rtstruct", "seg"])
+def test_phantom_file_names_and_seg_frame_order_do_not_matter(tmp_path, kind):
+    p, folder = _phantom(tmp_path, kind)
+    flat = tmp_path / "renamed"
+    flat.mkdir()
+    files = sorted(q for q in folder.rglob("*") if q.is_file())
+    rng = random.Random(5)
+    for q, n in zip(files, rng.sample(range(10000), len(files))):
+        shutil.copy(str(q), str(flat / ("%04d" % n)))                       # flat, names in another order
+    if kind == "seg":
+        seg = next(q for q in flat.iterdir() if pydicom.dcmread(str(q), stop_before_pixels=True).Modality == "SEG")
+        ds = pydicom.dcmread(str(seg))
+        frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+        order = list(range(len(frames)))
+        rng.shuffle(order)
+        ds.PerFrameFunctionalGroupsSequence = Sequence([ds.PerFrameFunctionalGroupsSequence[i] for i in order])
+        ds.PixelData = np.packbits(frames[order].ravel(), bitorder="little").tobytes()
+        ds.save_as(str(seg))
+    scan = readers.load_patient(str(flat))
+    assert np.array_equal(scan.mask, p["mask"]) and np.array_equal(scan.hu, p["hu"].astype(np.float32))
