@@ -18,7 +18,7 @@ What it owns
 """
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import pydicom

@@ -19,7 +19,8 @@ NIfTI and NRRD
   columns run to patient left, rows to posterior and slices to superior, and returned as (Z, Y, X):
   the same on-screen layout as a standard axial DICOM series. A volume whose slice axis is still
   oblique by more than 30 deg after that is refused (the toolkit never resamples).
-- Image and mask must have the same shape and affine (within 1% of a voxel), else BadInput.
+- Image and mask must lie on the same grid: the same voxel centres (within 1% of a voxel), whatever
+  axis order or flips each file stores (so a NIfTI/NRRD mask can also go onto a DICOM series).
 - The mask is voxel >= 0.5 (labels 1, 2, ... all count as tumor; fractional masks threshold at 0.5).
 """
 import functools
@@ -147,15 +148,36 @@ def _volume_scan(path, rel, patient):
     return Scan(hu=hu, mask=None, spacing=spacing, affine=affine, source_kind=kind)
 
 
+def _onto_grid(data, affine, scan, rel, patient):
+    """Re-index voxel array `data` (i, j, k) with `affine` onto `scan`'s (Z, Y, X) grid.
+
+    Same grid means: every voxel centre coincides with one of the scan's (within GRID_TOLERANCE of a
+    voxel), i.e. the two index spaces differ only by axis swaps and flips -- whatever order each
+    file stores its voxels in (a NIfTI mask drawn on a DICOM series with flipped rows is fine)."""
+    shape_xyz = scan.hu.shape[::-1]
+    t = np.linalg.solve(scan.affine, affine)            # mask voxel -> scan voxel (x, y, z)
+    perm = np.rint(t[:3, :3])
+    ok = (np.max(np.abs(t[:3, :3] - perm)) <= GRID_TOLERANCE and
+          np.array_equal(np.abs(perm).sum(axis=0), np.ones(3)) and
+          np.array_equal(np.abs(perm).sum(axis=1), np.ones(3)))
+    if ok:
+        src = [int(np.flatnonzero(perm[a])[0]) for a in range(3)]       # mask axis feeding scan axis a
+        sign = [int(perm[a, src[a]]) for a in range(3)]
+        ok = all(data.shape[src[a]] == shape_xyz[a] for a in range(3))
+        if ok:
+            want = np.array([0.0 if sign[a] > 0 else shape_xyz[a] - 1 for a in range(3)])
+            ok = np.max(np.abs(t[:3, 3] - want)) <= GRID_TOLERANCE
+    if not ok:
+        raise BadInput(patient, rel, "mask of shape %s and image of shape %s (voxel order as stored) do "
+                       "not share voxel centres: different grids" % (tuple(data.shape), tuple(shape_xyz)))
+    out = np.transpose(data, src)
+    out = out[tuple(slice(None, None, -1) if sign[a] < 0 else slice(None) for a in range(3))]
+    return np.ascontiguousarray(np.transpose(out, (2, 1, 0)))
+
+
 def _volume_mask(path, rel, scan, patient):
-    zyx, affine, spacing, _ = _display_volume(path, rel, patient)
-    if zyx.shape != scan.hu.shape:
-        raise BadInput(patient, rel, "mask of shape %s, image of shape %s (Z, Y, X): different grids"
-                       % (zyx.shape, scan.hu.shape))
-    tol = GRID_TOLERANCE * min(min(spacing), min(scan.spacing))
-    err = float(np.max(np.abs(affine - scan.affine)))
-    if err > tol:
-        raise BadInput(patient, rel, "mask and image affines differ by up to %.3g mm: different grids" % err)
+    data, affine, _ = _read_volume(path, rel, patient)
+    zyx = _onto_grid(data, affine, scan, rel, patient)
     with np.errstate(invalid="ignore"):
         return (np.nan_to_num(zyx.astype(np.float32)) >= 0.5).astype(np.uint8)
 

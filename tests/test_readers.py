@@ -305,6 +305,38 @@ def test_nifti_and_nrrd_pairs_reoriented_to_dicom_layout(tmp_path):
         assert scan.spacing == pytest.approx((DZ, DY, DX), abs=1e-5)
 
 
+def test_volume_mask_onto_dicom_scan_in_any_voxel_order(rt_patient, tmp_path):
+    import nibabel as nib
+    scan = readers.load_scan(str(rt_patient[0]))
+    truth = filled(TUMOR)
+    xyz = np.transpose(truth, (2, 1, 0)).astype(np.uint8)
+    flip = np.eye(4); flip[1, 1] = -1; flip[1, 3] = ROWS - 1         # rows stored bottom-up, RAS
+    ras = np.diag([-1.0, -1, 1, 1]) @ scan.affine @ flip
+    nib.save(nib.Nifti1Image(xyz[:, ::-1], ras), str(tmp_path / "m.nii.gz"))
+    assert np.array_equal(readers.load_roi_mask(str(tmp_path / "m.nii.gz"), scan).astype(bool), truth)
+    shifted = ras.copy(); shifted[:3, 3] += ras[:3, 0] * 0.5                 # half a voxel off
+    nib.save(nib.Nifti1Image(xyz[:, ::-1], shifted), str(tmp_path / "m.nii.gz"))
+    with pytest.raises(BadInput, match="different grids"):
+        readers.load_roi_mask(str(tmp_path / "m.nii.gz"), scan)
+
+
+@pytest.mark.parametrize("pixrep", [0, 1])
+def test_garbage_above_bits_stored_is_dropped(tmp_path, pixrep):
+    folder = tmp_path / "bits"
+    write_ct(str(folder), truth_hu(2))
+    hu = truth_hu(2)
+    for q in folder.rglob("x*"):
+        ds = pydicom.dcmread(str(q))
+        k = int(np.argmin([abs(float(ds.ImagePositionPatient[2]) - p[2]) for p in positions(2)]))
+        stored = (hu[k] + 1024).astype(np.int64) if pixrep == 0 else (hu[k] + 24).astype(np.int64)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, pixrep
+        ds.RescaleIntercept = -1024 if pixrep == 0 else -24
+        garbage = 0xA000                                             # overlay-like bits 13 and 15
+        ds.PixelData = ((stored & 0xFFF) | garbage).astype("<u2").tobytes()
+        ds.save_as(str(q))
+    assert np.array_equal(readers.load_scan(str(folder)).hu, hu)
+
+
 # --- bad input: one test each, on tiny corrupted copies ------------------------------------------
 
 def _raises(folder, patient="P009", **kw):
