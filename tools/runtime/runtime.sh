@@ -24,6 +24,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 rootfs=${TSFCN_ROOTFS:-/var/cache/ts-fcn/bullseye-$(uname -m)}
 mirror=${TSFCN_MIRROR:-http://deb.debian.org/debian}
+owned="$rootfs/.ts-fcn-rootfs"                 # written first: this folder is ours to delete
 bootstrapped="$rootfs/.ts-fcn-debootstrap-done"
 ready="$rootfs/.ts-fcn-ready"
 
@@ -70,8 +71,14 @@ do_debootstrap() {
         apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
     }
     log "debootstrap bullseye (minbase) from $mirror into $rootfs"
+    if [ -e "$rootfs" ] && [ ! -e "$owned" ] && [ -n "$(ls -A "$rootfs")" ]; then
+        log "$rootfs exists and is not a TS-FCN root filesystem: refusing to replace it (set TSFCN_ROOTFS)"
+        exit 1
+    fi
+    [ -e "$rootfs" ] && log "found an interrupted root filesystem: starting over"
     rm -rf "$rootfs"
     mkdir -p "$rootfs"
+    touch "$owned"
     local t0=$SECONDS
     debootstrap --variant=minbase bullseye "$rootfs" "$mirror" >"$rootfs.debootstrap.log" 2>&1 || {
         tail -20 "$rootfs.debootstrap.log" >&2
@@ -80,7 +87,7 @@ do_debootstrap() {
     }
     echo "deb $mirror bullseye main" >"$rootfs/etc/apt/sources.list"
     # A pristine copy of the base system: the CI builds its container base image from it.
-    tar -C "$rootfs" -cf "$rootfs.minbase.tar.partial" --exclude=./.ts-fcn-debootstrap-done . &&
+    tar -C "$rootfs" -cf "$rootfs.minbase.tar.partial" --exclude=./.ts-fcn-debootstrap-done --exclude=./.ts-fcn-rootfs . &&
         mv "$rootfs.minbase.tar.partial" "$rootfs.minbase.tar"
     touch "$bootstrapped"
     log "debootstrap done in $((SECONDS - t0)) s"
