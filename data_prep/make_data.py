@@ -303,10 +303,10 @@ def run(raw, data, n_folds=paper.N_FOLDS, seed=paper.SEED, jobs=1, roi=paper.ROI
 
     entries, skipped, n_done, stage = {}, [], 0, {}
     pool = multiprocessing.Pool(min(jobs, len(jobs_list))) if jobs > 1 and len(jobs_list) > 1 else None
+    results = pool.imap_unordered(_work, jobs_list) if pool else map(_work, jobs_list)
+    bar = tqdm(results, total=len(jobs_list), desc="make data", unit="patient", disable=not progress,
+               file=sys.stderr)
     try:
-        results = pool.imap_unordered(_work, jobs_list) if pool else map(_work, jobs_list)
-        bar = tqdm(results, total=len(jobs_list), desc="make data", unit="patient", disable=not progress,
-                   file=sys.stderr)
         for status, pid, payload, timings in bar:
             if status == "bad":
                 if not skip_bad:
@@ -317,8 +317,8 @@ def run(raw, data, n_folds=paper.N_FOLDS, seed=paper.SEED, jobs=1, roi=paper.ROI
             entries[pid] = payload
             for k, v in timings.items():
                 stage[k] = stage.get(k, 0.0) + v
-        bar.close()
     finally:
+        bar.close()
         if pool:
             pool.terminate()
             pool.join()
@@ -375,6 +375,12 @@ def main(argv=None) -> int:
     ap.add_argument("--hu-window", default=None, metavar="LO,HI",
                     help="HU window mapped to 0..255 (default %d,%d)" % paper.HU_WINDOW)
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--hu-window -1000,400` (as the Makefile passes it) would read as an option: glue the value on.
+    for i in range(len(argv) - 1):
+        if argv[i] == "--hu-window":
+            argv[i:i + 2] = ["--hu-window=" + argv[i + 1]]
+            break
     args = ap.parse_args(argv)
     try:
         window = intensity.parse_window(args.hu_window) if args.hu_window else paper.HU_WINDOW
