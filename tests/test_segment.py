@@ -249,3 +249,151 @@ def test_real_net_end_to_end_on_dicom(phantom, filler_model, tmp_path, capsys):
     text = open(os.path.join(out, "summary.json")).read() + logs.out + logs.err
     for secret in _identifiers(p, folder):
         assert secret not in text
+
+
+def _write_volume(path, arr_xyz, affine_ras):
+    """A NIfTI (affine RAS) or NRRD (LPS space) file of an (x, y, z) array."""
+    if path.endswith(".nrrd"):
+        import nrrd
+        lps = seg_output.LPS_TO_RAS @ affine_ras
+        header = {"space": "left-posterior-superior", "space directions": lps[:3, :3].T.copy(),
+                  "space origin": lps[:3, 3].copy(), "kinds": ["domain"] * 3, "encoding": "gzip"}
+        nrrd.write(path, np.asfortranarray(arr_xyz), header, index_order="F")
+    else:
+        import nibabel as nib
+        img = nib.Nifti1Image(np.ascontiguousarray(arr_xyz), affine_ras)
+        img.set_qform(affine_ras, code=1)
+        img.set_sform(affine_ras, code=1)
+        nib.save(img, path)
+
+
+def _read_volume(path):
+    """(x, y, z) array and RAS affine of a NIfTI or NRRD file, read directly (not by data_prep)."""
+    if path.endswith(".nrrd"):
+        import nrrd
+        arr, h = nrrd.read(path)
+        aff = np.eye(4)
+        aff[:3, :3] = np.asarray(h["space directions"], float).T
+        aff[:3, 3] = h["space origin"]
+        return arr, seg_output.LPS_TO_RAS @ aff
+    import nibabel as nib
+    img = nib.load(path)
+    return np.asarray(img.dataobj), img.affine
+
+
+def _stored_differently(arr_xyz, ras):
+    """The same image stored with x and z reversed and x/y swapped: (array, affine)."""
+    n = arr_xyz.shape
+    flip = np.array([[-1, 0, 0, n[0] - 1], [0, 1, 0, 0], [0, 0, -1, n[2] - 1], [0, 0, 0, 1]], float)
+    swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    return np.ascontiguousarray(arr_xyz[::-1, :, ::-1].transpose(1, 0, 2)), ras @ flip @ swap
+
+
+@pytest.mark.parametrize("kind", ["nifti", "nifti-reoriented", "nrrd"])
+def test_volume_outputs_lie_on_the_input_grid(phantom, tmp_path, kind):
+    """NIfTI/NRRD input + --roi mask file: mask.nii.gz read back with nibabel has the input's shape and
+    affine, and lies voxel for voxel on the input's tumor (oracle prediction through segment's run)."""
+    from data_prep import readers
+    p, _ = phantom
+    ext = ".nrrd" if kind == "nrrd" else ".nii.gz"
+    ras = seg_output.LPS_TO_RAS @ p["affine"]
+    hu, lab = p["hu"].transpose(2, 1, 0), p["mask"].transpose(2, 1, 0)
+    if kind == "nifti-reoriented":
+        (hu, aff), (lab, _) = _stored_differently(hu, ras), _stored_differently(lab, ras)
+    else:
+        aff = ras
+    image, roi = str(tmp_path / ("image" + ext)), str(tmp_path / ("roi" + ext))
+    _write_volume(image, hu.astype(np.int16), aff)
+    _write_volume(roi, lab.astype(np.uint8), aff)
+    scan = readers.load_scan(image)
+    truth = readers.load_roi_mask(roi, scan)
+    box_xy, (z0, z1) = seg.roi_extent(truth)
+    box = seg.grown_box(box_xy)
+    model = tmp_path / "unused.caffemodel"
+    model.write_bytes(b"")
+    out = str(tmp_path / "out")
+    args = seg.build_parser().parse_args(["--scan", image, "--roi", roi, "--model", str(model),
+                                          "--out", out, "--no-png"])
+    summary = seg.run(args, predictor_factory=lambda: oracle(truth, box, z0, z1))
+    assert summary["slices"] == [z0, z1] and summary["box_xy"] == list(box_xy)
+    for name in ("mask.nii.gz", "prob.nii.gz"):
+        arr, affine = _read_volume(os.path.join(out, name))
+        assert arr.shape == hu.shape and np.allclose(affine, aff, atol=1e-4), name
+    mask, _ = _read_volume(os.path.join(out, "mask.nii.gz"))
+    assert score.dice(mask, lab) >= 0.97
+    assert not os.path.exists(os.path.join(out, "seg.dcm"))
+
+
+def _cli_error(argv, capsys):
+    rc = seg.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("segment: error: "), err
+    return err[0]
+
+
+def test_clear_errors(phantom, tmp_path, capsys):
+    from data_prep import phantoms
+    p, folder = phantom
+    model = tmp_path / "never_loaded.caffemodel"   # every error comes before the net is loaded
+    model.write_bytes(b"\0" * 16)
+    base = ["--scan", folder, "--model", str(model), "--out", str(tmp_path / "out")]
+    assert "outside the image" in _cli_error(base + ["--box", "100,10,129,40"], capsys)
+    assert "outside the image" in _cli_error(base + ["--box", "-2,10,20,40"], capsys)
+    assert "out of range" in _cli_error(base + ["--box", "10,10,40,40", "--slices", "8:13"], capsys)
+    empty = tmp_path / "empty.caffemodel"
+    empty.write_bytes(b"")
+    assert "model file is empty" in _cli_error(base[:2] + ["--model", str(empty), "--box", "1,1,9,9"]
+                                               + base[4:], capsys)
+    assert "model file not found" in _cli_error(
+        ["--scan", folder, "--box", "10,10,40,40", "--model", str(tmp_path / "no.caffemodel"),
+         "--out", str(tmp_path / "out")], capsys)
+    # Not CT: an MR series (MR Image Storage), and a CT-class series whose Modality says PT.
+    for sop_class, modality in (("1.2.840.10008.5.1.4.1.1.4", "MR"), (phantoms.CT_IMAGE_STORAGE, "PT")):
+        series = tmp_path / ("series_" + modality)
+        series.mkdir()
+        for k, ds in enumerate(phantoms.ct_datasets(p)):
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+            ds.Modality = modality
+            pydicom.dcmwrite(str(series / ("%03d.dcm" % k)), ds, write_like_original=False)
+        line = _cli_error(["--scan", str(series), "--box", "10,10,40,40", "--model", str(model),
+                           "--out", str(tmp_path / "out")], capsys)
+        assert "CT" in line and p["name"] not in line and str(tmp_path) not in line
+    assert not os.path.exists(tmp_path / "out")
+
+
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "runs", "demo", "final.caffemodel")
+
+
+def _demo_cohort_params():
+    """(seed, size) of the demo's phantom cohort (runs/demo/raw), defaults when it is not there."""
+    from data_prep import phantoms
+    truth = os.path.join(os.path.dirname(DEMO_MODEL), "raw", phantoms.TRUTH_DIR)
+    try:
+        name = sorted(f for f in os.listdir(truth) if f.endswith(".npz"))[0]
+        with np.load(os.path.join(truth, name), allow_pickle=False) as z:
+            params = json.loads(str(z["params"]))
+        return int(params["seed"]), int(params["size"])
+    except (OSError, IndexError, KeyError, ValueError):
+        return paper.SEED, phantoms.DEFAULT_SIZE
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(DEMO_MODEL),
+                    reason="no runs/demo/final.caffemodel: run `make demo` first to train the demo model")
+def test_demo_model_segments_an_unseen_phantom(tmp_path, capsys):
+    """The model `make demo` trains (fast profile) segments a phantom it never saw: 3D Dice >= 0.8."""
+    from data_prep import phantoms
+    seed, size = _demo_cohort_params()
+    p = phantoms.make_patient(seed, 10000, "rtstruct", size=size)     # an index the cohort never has
+    folder = str(tmp_path / "scan")
+    phantoms.write_patient(folder, p, "rtstruct")
+    box_xy, (z0, z1) = seg.roi_extent(p["mask"])
+    out = str(tmp_path / "out")
+    rc = seg.main(["--scan", folder, "--box", ",".join(map(str, box_xy)), "--slices", "%d:%d" % (z0, z1),
+                   "--model", DEMO_MODEL, "--out", out, "--no-png"])
+    assert rc == 0, capsys.readouterr().err
+    import nibabel as nib
+    mask = np.asarray(nib.load(os.path.join(out, "mask.nii.gz")).dataobj).transpose(2, 1, 0)
+    d = score.dice(mask, p["mask"])
+    assert d >= 0.8, "demo model 3D Dice %.3f on an unseen phantom" % d

