@@ -155,6 +155,9 @@ def ts_fcn(split, crop_mode=paper.DEFAULT_CROP_MODE, loss="python", class_weight
     if split in ("val", "deploy"):
         n.prob = L.Softmax(n.score_crop)
     if split == "val":
+        # prob stays readable from pycaffe, but is no net output: `caffe test` would print every
+        # one of its 20 000 values per iteration.
+        n.silence_prob = L.Silence(n.prob, ntop=0)
         tops = L.Python(n.score_crop, n.label, name="dice", ntop=len(DICE_TOPS),
                         propagate_down=[False, False],
                         python_param=dict(module=DICE_MODULE, layer=DICE_LAYER))
