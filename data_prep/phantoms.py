@@ -46,7 +46,7 @@ import atomic
 import paper
 
 KINDS = ("rtstruct", "seg", "nifti", "nrrd")
-VERSION = 1                      # bump when the generated data changes (skip-if-done checks it)
+VERSION = 2                      # bump when the generated data changes (skip-if-done checks it)
 DEFAULT_SIZE = 512               # in-plane pixels (tests use smaller sizes; the FOV stays the same)
 SLICES_RANGE = (40, 80)          # inclusive
 SLICE_MM_RANGE = (2.5, 5.0)      # slice thickness = spacing, multiples of 0.25 mm
@@ -144,7 +144,7 @@ def _anatomy(rng, size, ps, nz, dz):
     bx, by = float(rng.uniform(-10, 10)), float(rng.uniform(-5, 12))
     a = min(float(rng.uniform(140, 175)), 0.46 * fov)
     b = a * float(rng.uniform(0.62, 0.74))
-    fat, muscle, rib_t = float(rng.uniform(8, 22)), float(rng.uniform(8, 14)), float(rng.uniform(7, 10))
+    fat, muscle, rib_t = float(rng.uniform(5, 18)), float(rng.uniform(5, 10)), float(rng.uniform(7, 10))
     du, dv = u - bx, v - by
 
     def superellipse(ea, eb, p=2.4):
@@ -157,7 +157,8 @@ def _anatomy(rng, size, ps, nz, dz):
     cavity = rc < 1.0
     ring = (rc >= 1.0) & (rc < 1.0 + rib_t / min(ca, cb) * 0.9)
     alpha = np.abs(np.arctan2(du, dv))                                  # 0 at the back, pi at the front
-    rib_pitch, rib_phase, rib_slope = float(rng.uniform(24, 32)), float(rng.uniform(0, 2 * np.pi)), 1.6
+    # ribs run obliquely: an axial slice cuts each one into a short arc, several per side
+    rib_pitch, rib_phase, rib_slope = float(rng.uniform(24, 32)), float(rng.uniform(0, 2 * np.pi)), 12.0
     rib_zone = ring & (alpha > 0.12 * np.pi) & (alpha < 0.85 * np.pi)
 
     mx = bx + 0.05 * ca
