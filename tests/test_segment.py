@@ -397,3 +397,27 @@ def test_demo_model_segments_an_unseen_phantom(tmp_path, capsys):
     mask = np.asarray(nib.load(os.path.join(out, "mask.nii.gz")).dataobj).transpose(2, 1, 0)
     d = score.dice(mask, p["mask"])
     assert d >= 0.8, "demo model 3D Dice %.3f on an unseen phantom" % d
+
+
+def test_roi_from_rtstruct_gives_box_and_slices(phantom, tmp_path):
+    """--roi with the RTSTRUCT beside the CT: its bounding box and slices replace --box/--slices."""
+    p, folder = phantom
+    rtstruct = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs
+                if pydicom.dcmread(os.path.join(r, f), stop_before_pixels=True).Modality == "RTSTRUCT"]
+    assert len(rtstruct) == 1
+    model = tmp_path / "unused.caffemodel"
+    model.write_bytes(b"")
+    args = seg.build_parser().parse_args(["--scan", folder, "--roi", rtstruct[0], "--model", str(model),
+                                          "--out", str(tmp_path / "out"), "--no-png"])
+    summary = seg.run(args, predictor_factory=lambda: lambda x: np.zeros((len(x), 100, 100), np.float32))
+    box_xy, (z0, z1) = seg.roi_extent(p["mask"])
+    assert summary["box_xy"] == list(box_xy) and summary["slices"] == [z0, z1]
+    assert summary["tumor_voxels"] == 0 and summary["volume_ml"] == 0.0
+
+
+def test_cli_help_runs_as_a_script():
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "segment.py")
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and "half-open" in out.stdout and "--prototxt" in out.stdout
