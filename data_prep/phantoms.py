@@ -734,6 +734,16 @@ def _nifti_bytes(img):
     return buf.getvalue()
 
 
+def _drop_nrrd_timestamp(path):
+    """pynrrd writes a '# on <date>' comment into the header: remove it for byte-identical output."""
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.index(b"\n\n")
+    lines = [ln for ln in data[:end].split(b"\n") if not ln.startswith(b"# on ")]
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines) + data[end:])
+
+
 def write_patient(folder, p, kind=None):
     """Write patient dict `p` into `folder` (created) in the format `kind` (default p['kind']).
 
@@ -792,6 +802,7 @@ def write_patient(folder, p, kind=None):
             with atomic.atomic_path(os.path.join(folder, rel)) as tmp:
                 nrrd.write(tmp, np.asfortranarray(arr.transpose(2, 1, 0)), header, index_order="F",
                            compression_level=GZIP_LEVEL)
+                _drop_nrrd_timestamp(tmp)
             written.append(rel)
     return written
 
@@ -876,6 +887,9 @@ def write_cohort(out, n=20, seed=paper.SEED, jobs=1, size=DEFAULT_SIZE, force=Fa
     """
     from tqdm import tqdm
     os.makedirs(os.path.join(out, TRUTH_DIR), exist_ok=True)
+    for name in os.listdir(out):                       # folders left by an interrupted run
+        if name.startswith(".PHANTOM_") and ".tmp" in name:
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     tasks = [(out, seed, i, size, force, truth_hu) for i in range(n)]
     results = {}
     bar = tqdm(total=n, desc="phantoms", unit="patient", disable=not progress)

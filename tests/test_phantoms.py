@@ -55,12 +55,15 @@ def test_same_bytes_and_uids_per_seed(tmp_path, written):
     for rel in files:
         with open(os.path.join(folder0, rel), "rb") as f1, open(str(tmp_path / "a" / rel), "rb") as f2:
             assert f1.read() == f2.read(), rel
-    # the SEG (highdicom stamps dates and UIDs of its own) is byte-identical too
-    ps, folder_s = written["seg"]
-    files_s = P.write_patient(str(tmp_path / "s"), P.make_patient(0, 1, kind="seg", n_slices=SLICES, size=SIZE))
-    for rel in files_s:
-        with open(os.path.join(folder_s, rel), "rb") as f1, open(str(tmp_path / "s" / rel), "rb") as f2:
-            assert f1.read() == f2.read(), rel
+    # SEG (highdicom stamps dates and UIDs of its own), NIfTI (gzip time stamps) and NRRD: same bytes too
+    for i, kind in enumerate(P.KINDS):
+        if kind == "rtstruct":
+            continue
+        folder = written[kind][1]
+        again = P.make_patient(0, i, kind=kind, n_slices=SLICES, size=SIZE)
+        for rel in P.write_patient(str(tmp_path / kind), again):
+            with open(os.path.join(folder, rel), "rb") as f1, open(str(tmp_path / kind / rel), "rb") as f2:
+                assert f1.read() == f2.read(), rel
     # another seed: other anatomy and other UIDs
     other = P.make_patient(1, 0, kind="rtstruct", n_slices=SLICES, size=SIZE)
     assert not np.array_equal(other["hu"], p0["hu"])
