@@ -27,7 +27,6 @@ BLAS or thread variant computes the same outputs: the deploy net's prob on a fix
 losses of a fixed, seeded run (max abs difference in the JSON).
 """
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -104,7 +103,8 @@ def blas_libraries():
             for line in f:
                 path = line.split()[-1] if len(line.split()) >= 6 else ""
                 name = os.path.basename(path).lower()
-                if any(k in name for k in ("blas", "mkl", "blis", "lapack", "gomp", "iomp")):
+                if "cpython" not in name and any(k in name for k in ("blas", "mkl", "blis", "lapack",
+                                                                         "gomp", "iomp")):
                     libs.add(path)
     except OSError:
         pass
@@ -134,12 +134,29 @@ def machine_facts():
             facts["blas_core_cached_sgemm_gflops"] = rec.get("sgemm_gflops")
     except Exception:  # the cache is informative only
         pass
-    try:
-        facts["git_commit"] = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                                             capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        facts["git_commit"] = None
+    facts["git_commit"] = git_commit()
     return facts
+
+
+def git_commit():
+    """HEAD of the checkout, read from .git (the runtime has no git)."""
+    try:
+        with open(os.path.join(REPO, ".git", "HEAD")) as f:
+            head = f.read().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            path = os.path.join(REPO, ".git", ref)
+            if os.path.exists(path):
+                with open(path) as f:
+                    return f.read().strip()[:12]
+            with open(os.path.join(REPO, ".git", "packed-refs")) as f:
+                for line in f:
+                    if line.strip().endswith(" " + ref):
+                        return line.split()[0][:12]
+            return None
+        return head[:12]
+    except OSError:
+        return None
 
 
 # --- FLOPs from the real Caffe net -----------------------------------------------------------------
@@ -494,6 +511,8 @@ def _fmt(v, unit):
 def rows(r):
     out = []
     for key, label, unit in ROWS:
+        if key not in r:  # a stage not asked for (--only)
+            continue
         v = r.get(key)
         eff = r.get("efficiency", {}).get(key)
         ceil = ("%.0f GFLOP/s, %.0f%%" % (eff["gflops"], 100 * eff["fraction_of_sgemm"])
