@@ -137,7 +137,8 @@ def _geometry(rng, size, n_slices):
 
 
 def _anatomy(rng, size, ps, nz, dz):
-    """Tissue label volume (Z, Y, X) uint8 and the lung region (bool, both lungs, before vessels)."""
+    """Tissue labels (Z, Y, X) uint8, the lung region (bool, both lungs, before vessels) and the
+    mediastinum centre column in mm from the image centre (left/right lung split)."""
     fov = size * ps
     c = (np.arange(size, dtype=np.float32) - (size - 1) / 2.0) * ps
     u, v = np.meshgrid(c, c)                       # u: columns (patient left +), v: rows (posterior +)
@@ -226,10 +227,10 @@ def _anatomy(rng, size, ps, nz, dz):
         if t > 0.6:
             sl[tr_idx] = tr_val
         sl[over_idx] = disc_val if (z % 30.0) < 5.0 else over_val
-    return lab, lung3d, (u, v, mx)
+    return lab, lung3d, mx
 
 
-def _paint_vessels(rng, lab, lung3d, u, v, ps, dz):
+def _paint_vessels(rng, lab, lung3d, ps, dz):
     """Tubes running mostly along z through the lungs: small round blobs in any one slice."""
     nz, size, _ = lab.shape
     mid = lung3d[nz // 2]
@@ -361,8 +362,8 @@ def make_patient(seed, index, kind=None, n_slices=None, tumor_mm=None, size=DEFA
         raise ValueError("kind must be one of %s, got %r" % (KINDS, kind))
     rng = np.random.default_rng([int(seed), int(index), 20160601])
     nz, ps, dz, origin = _geometry(rng, int(size), n_slices)
-    lab, lung3d, (u, v, mx) = _anatomy(rng, int(size), ps, nz, dz)
-    _paint_vessels(rng, lab, lung3d, u, v, ps, dz)
+    lab, lung3d, mx = _anatomy(rng, int(size), ps, nz, dz)
+    _paint_vessels(rng, lab, lung3d, ps, dz)
     mx_pix = (mx / ps) + (size - 1) / 2.0
     mask, tinfo = _tumor(rng, lung3d, ps, dz, tumor_mm, mx_pix)
     lab[mask.astype(bool)] = TUMOR
