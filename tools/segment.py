@@ -38,7 +38,8 @@ import atomic  # noqa: E402
 import paper  # noqa: E402
 from data_prep import crop, intensity  # noqa: E402
 
-DEFAULT_PROTOTXT = os.path.join("prototxt", "deploy.prototxt")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PROTOTXT = os.path.join(REPO, "prototxt", "deploy.prototxt")
 # Images per forward. On the CPU, Caffe's convolutions loop over the batch (one im2col + GEMM per
 # image), so batching saves nothing and larger blobs fall out of cache: measured 0.60 / 0.65 / 0.75
 # CPU-s per slice at batch 1 / 10 / 30 (2 cores). On a GPU, batches keep the device busy.
@@ -274,7 +275,8 @@ def build_parser():
                                       "or an RTSTRUCT/DICOM-SEG; its bounding box is used")
     p.add_argument("--slices", help="z0:z1, half-open range of slices to segment (default: all)")
     p.add_argument("--model", required=True, help="trained .caffemodel")
-    p.add_argument("--prototxt", default=DEFAULT_PROTOTXT, help="deploy net (default: %(default)s)")
+    p.add_argument("--prototxt", default=DEFAULT_PROTOTXT,
+                   help="deploy net (default: prototxt/deploy.prototxt of this checkout)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=paper.LABEL_THRESHOLD,
                    help="tumor probability threshold (default: %(default)s)")
@@ -309,7 +311,7 @@ def run(args, predictor_factory=None):
     if not os.path.exists(args.scan):
         raise SegmentError("scan not found (give a DICOM folder or a .nii/.nii.gz/.nrrd file)")
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     scan = readers.load_scan(args.scan)
     check_ct(scan)
     box_xy, (z0, z1) = request_region(args, scan)
@@ -351,6 +353,7 @@ def run(args, predictor_factory=None):
         "seconds": {"load_scan": t_loaded - t_start, "load_net": t_net - t_loaded,
                     "segment": seg_seconds, **seconds, "write": t_done - t_seg,
                     "total": t_done - t_start},
+        "cpu_seconds": time.process_time() - cpu_start,   # all threads: the work, whatever the load
         "outputs": sorted(written),
     }
     atomic.write_json(os.path.join(args.out, "summary.json"), summary)
