@@ -49,7 +49,7 @@ demo: runtime ## phantoms -> data -> train (fast profile) -> eval -> figures, un
 	$(IN_RUNTIME) bash tools/demo.sh
 
 phantoms: runtime ## OUT=dir N=20 SEED=0: the built-in phantom cohort (DICOM CT + RTSTRUCT/SEG, NIfTI)
-	$(IN_RUNTIME) $(PYTHON) -m data_prep.phantoms --out $(or $(OUT),phantoms) --n $(N) --seed $(SEED)
+	$(IN_RUNTIME) $(PYTHON) -m data_prep.phantoms --out $(or $(OUT),phantoms) --n $(N) --seed $(SEED) --jobs $(JOBS)
 
 data: runtime ## RAW=dir DATA=dir [FOLDS SEED JOBS ROI SKIP_BAD=1 BOX=slice]: cohort -> crops -> HDF5 folds
 	$(IN_RUNTIME) $(PYTHON) -m data_prep.make_data --raw $(RAW) --data $(DATA) --folds $(FOLDS) \
