@@ -252,7 +252,7 @@ def request_region(args, scan):
     if args.roi:
         from data_prep import readers
         if not os.path.exists(args.roi):
-            raise SegmentError("--roi file not found: %s" % args.roi)
+            raise SegmentError("--roi not found (give a mask file, an RTSTRUCT/DICOM-SEG or its folder)")
         box_xy, (z0, z1) = roi_extent(readers.load_roi_mask(args.roi, scan))
     else:
         box_xy = parse_box(args.box)
@@ -307,7 +307,10 @@ def run(args, predictor_factory=None):
         raise SegmentError("deploy prototxt not found: %s" % args.prototxt)
     if not 0.0 < args.threshold < 1.0:
         raise SegmentError("--threshold must be between 0 and 1, got %s" % args.threshold)
-    window = intensity.parse_window(args.hu_window) if args.hu_window else paper.HU_WINDOW
+    try:
+        window = intensity.parse_window(args.hu_window) if args.hu_window else paper.HU_WINDOW
+    except ValueError as e:
+        raise SegmentError("--hu-window: %s" % e)
     if not os.path.exists(args.scan):
         raise SegmentError("scan not found (give a DICOM folder or a .nii/.nii.gz/.nrrd file)")
 
