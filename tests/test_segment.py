@@ -289,7 +289,7 @@ def _stored_differently(arr_xyz, ras):
     return np.ascontiguousarray(arr_xyz[::-1, :, ::-1].transpose(1, 0, 2)), ras @ flip @ swap
 
 
-@pytest.mark.parametrize("kind", ["nifti", "nifti-reoriented", "nrrd"])
+@pytest.mark.parametrize("kind", ["nifti", "nifti-reoriented", "nrrd", "folder-nifti-reoriented"])
 def test_volume_outputs_lie_on_the_input_grid(phantom, tmp_path, kind):
     """NIfTI/NRRD input + --roi mask file: mask.nii.gz read back with nibabel has the input's shape and
     affine, and lies voxel for voxel on the input's tumor (oracle prediction through segment's run)."""
@@ -298,7 +298,7 @@ def test_volume_outputs_lie_on_the_input_grid(phantom, tmp_path, kind):
     ext = ".nrrd" if kind == "nrrd" else ".nii.gz"
     ras = seg_output.LPS_TO_RAS @ p["affine"]
     hu, lab = p["hu"].transpose(2, 1, 0), p["mask"].transpose(2, 1, 0)
-    if kind == "nifti-reoriented":
+    if kind.endswith("nifti-reoriented"):
         (hu, aff), (lab, _) = _stored_differently(hu, ras), _stored_differently(lab, ras)
     else:
         aff = ras
@@ -314,6 +314,8 @@ def test_volume_outputs_lie_on_the_input_grid(phantom, tmp_path, kind):
     out = str(tmp_path / "out")
     args = seg.build_parser().parse_args(["--scan", image, "--roi", roi, "--model", str(model),
                                           "--out", out, "--no-png"])
+    if kind.startswith("folder"):            # --scan the folder that holds image.nii.gz
+        args.scan = str(tmp_path)
     summary = seg.run(args, predictor_factory=lambda: oracle(truth, box, z0, z1))
     assert summary["slices"] == [z0, z1] and summary["box_xy"] == list(box_xy)
     for name in ("mask.nii.gz", "prob.nii.gz"):

@@ -40,9 +40,13 @@ def reference_grid(scan_path) -> Optional[Tuple[np.ndarray, Tuple[int, int, int]
     """(RAS affine, shape (x, y, z), (qform_code, sform_code)) of a NIfTI/NRRD input file; None for
     DICOM folders."""
     path = str(scan_path)
+    if os.path.isdir(path):   # a folder holding image.nii[.gz] / image.nrrd (data_prep.readers.load_scan)
+        from data_prep import readers
+        name = readers._find_volume(path, "image")   # the file load_scan reads there
+        if name is None:
+            return None
+        path = os.path.join(path, name)
     low = path.lower()
-    if os.path.isdir(path):
-        return None
     if low.endswith((".nii", ".nii.gz")):
         import nibabel as nib
         img = nib.load(path)
@@ -231,7 +235,7 @@ def write_overlays(folder, hu_zyx, mask_zyx, z_range, box, prob_zyx=None):
 def write_all(out, scan, prob_zyx, mask_zyx, z_range, box, scan_path=None, png=True):
     """mask.nii.gz, prob.nii.gz, seg.dcm (DICOM scans) and overlays/ in `out`; returns what was written."""
     os.makedirs(out, exist_ok=True)
-    reference = reference_grid(scan_path) if scan_path is not None else None
+    reference = reference_grid(scan_path) if scan_path is not None and not scan.headers else None
     written = []
     write_nifti(os.path.join(out, "mask.nii.gz"), mask_zyx, scan, np.uint8, reference)
     written.append("mask.nii.gz")
