@@ -91,3 +91,53 @@ def test_interrupt_kill_and_resume_keep_iteration_and_lr(tmp_path):
     assert metrics["iterations"] == 11 and metrics["profile"] == "paper"
     assert os.path.getsize(os.path.join(run, "final.caffemodel")) == os.path.getsize(
         os.path.join(run, "snapshots", "ts_fcn_iter_11.caffemodel"))
+
+
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory):
+    """Five small phantom patients (256x256) through make data, and a short fast-profile run on fold 3."""
+    from data_prep import make_data, phantoms
+    root = tmp_path_factory.mktemp("phantom_run")
+    raw, data, run = str(root / "raw"), str(root / "data"), str(root / "run")
+    phantoms.write_cohort(raw, n=5, seed=0, jobs=1, size=256, progress=False)
+    make_data.run(raw, data, n_folds=5, seed=0, jobs=1)
+    fold = 4   # validation patient P005: the largest tumor of the five
+    r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run,
+                        "--profile", "fast", "--fc-channels", "32", "--max-iter", "24", "--validate-every", "12",
+                        "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    return data, run, fold
+
+
+def test_short_training_learns(phantom_run):
+    data, run, fold = phantom_run
+    rows = _rows(run)
+    assert [int(r["iteration"]) for r in rows] == [0, 12, 24]
+    losses = [float(r["train_loss"]) for r in rows[1:]]
+    assert losses[-1] < losses[0], losses                                  # the loss falls
+    dice = [float(r["val_mean_dice_3d"]) for r in rows]
+    assert dice[-1] > dice[0] + 0.05, dice                                 # beats the untrained net
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    assert m["profile"] == "fast" and m["iterations"] == 24
+    assert m["mean_dice_3d"] == pytest.approx(dice[-1], abs=1e-4)
+    assert os.path.exists(os.path.join(run, "figures", "fig5_val_dice.png"))
+
+
+def test_caffe_test_with_python_layers_matches_the_evaluator(phantom_run):
+    """`caffe test` on the val net (Python loss + DiceCounts) counts exactly what the pycaffe evaluator counts."""
+    from tools import evaluate
+    data, run, fold = phantom_run
+    m = evaluate.evaluate(data, fold, run, figures=True)
+    ct = m["caffe_test"]
+    n = ct["iterations"]
+    per = m["per_patient"]
+    for top, key in (("dice_intersection", "intersection"), ("dice_predicted", "predicted"), ("dice_truth", "truth")):
+        assert ct[top] * n == pytest.approx(sum(s[key] for s in per.values()), abs=0.5 + 1e-4 * ct[top] * n)
+    assert ct["pooled_dice"] == pytest.approx(m["pooled_dice"], abs=1e-3)
+    assert ct["loss"] > 0
+    for name in ("fig_panels_best.png", "fig_panels_worst.png", "fig7_score_to_probability.png",
+                 "dice_2d_hist.png"):
+        assert os.path.getsize(os.path.join(run, "figures", name)) > 10000
+    with open(os.path.join(run, "per_patient.csv")) as f:
+        assert len(list(csv.DictReader(f))) == len(per) == 1

@@ -212,6 +212,11 @@ def train(a):
         solver = caffe.get_solver(os.path.join(run, "solver.prototxt"))
     finally:
         os.chdir(cwd)
+    if a.restart:               # start over: the old run's snapshots, log and results go
+        for path in glob.glob(snapshot_prefix(run) + "_iter_*") + [
+                os.path.join(run, f) for f in ("train_log.csv", "final.caffemodel", "metrics.json")]:
+            if os.path.exists(path):
+                os.remove(path)
     state = None if a.restart else latest_solverstate(run)
     if state:
         os.chdir(fold_dir)

@@ -1,0 +1,107 @@
+"""`make ablation`: SPEC §7's open choices, each changed alone, under one profile and seed, as one table.
+
+Variants (fold --fold of the same cohort, same profile, same Caffe seed):
+  baseline    crop center (offset 14), one box per patient, loss divided by the pixel count
+  crop        crop aligned (offset 11, caffe.coord_map)
+  box         one box per slice (its own `make data --box slice` run: OUT/data_slice)
+  loss        plain weighted sum (Fig. 2 as printed)
+Each variant is a tools/train.py run in OUT/<variant>/ (resumable; a finished run is reused); its
+final validation scores (metrics.json) fill the table. Output: OUT/ablation.json and OUT/ablation.md.
+
+CLI: python3 tools/ablation.py --raw RAW --out OUT [--profile fast] [--fold 0] [--seed 0] [--gpu ID]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import atomic
+import paper
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (what changes, data box mode, train.py options)
+VARIANTS = (
+    ("baseline", "defaults: crop center 14, box per patient, loss mean", "patient", []),
+    ("crop", "crop aligned (offset 11)", "patient", ["--crop", "aligned"]),
+    ("box", "box per slice", "slice", []),
+    ("loss", "loss plain sum", "patient", ["--loss-sum"]),
+)
+
+
+def make_data(raw, data, box, folds, seed, jobs):
+    cmd = [sys.executable, "-m", "data_prep.make_data", "--raw", raw, "--data", data, "--folds", str(folds),
+           "--seed", str(seed), "--jobs", str(jobs), "--box", box, "--no-progress"]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def train(data, run, fold, profile, seed, extra, gpu=None):
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--fold", str(fold), "--data", data,
+           "--run", run, "--profile", profile, "--seed", str(seed)] + list(extra)
+    if gpu is not None:
+        cmd += ["--gpu", str(gpu)]
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return time.time() - t0
+
+
+def markdown(result):
+    lines = ["# Ablation of SPEC §7's choices (profile %s, fold %d, seed %d)" % (result["profile"], result["fold"],
+                                                                            result["seed"]), "",
+             "| variant | change | 3D Dice mean ± sd | 2D Dice mean | pixel acc. | iterations |",
+             "|---|---|---|---|---|---|"]
+    for r in result["variants"]:
+        lines.append("| %s | %s | %.3f ± %.3f | %.3f | %.4f | %d |" % (
+            r["variant"], r["change"], r["mean_dice_3d"], r["sd_dice_3d"], r["mean_dice_2d"],
+            r["mean_pixel_accuracy"], r["iterations"]))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Ablation of SPEC §7: crop 14 vs 11, box per patient vs per slice, "
+                                 "loss mean vs sum; same profile and seed; one table.")
+    ap.add_argument("--raw", required=True, help="cohort folder (e.g. the demo's phantoms, runs/demo/raw)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--profile", default="fast", choices=sorted(paper.PROFILES))
+    ap.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
+    ap.add_argument("--folds", type=int, default=paper.N_FOLDS)
+    ap.add_argument("--seed", type=int, default=paper.SEED, help="fold and Caffe seed (default 0)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--gpu", type=int, help="GPU id (CUDA build of Caffe)")
+    ap.add_argument("--only", nargs="*", choices=[v[0] for v in VARIANTS], help="run only these variants")
+    a = ap.parse_args(argv)
+    out = os.path.abspath(a.out)
+    raw = os.path.abspath(a.raw)
+    if not os.path.isdir(raw):
+        raise SystemExit("error: cohort %s not found (make phantoms OUT=%s, or make demo)" % (a.raw, a.raw))
+    chosen = [v for v in VARIANTS if not a.only or v[0] in a.only]
+    datas = {}
+    for box in sorted({v[2] for v in chosen}):
+        datas[box] = os.path.join(out, "data_%s" % box)
+        make_data(raw, datas[box], box, a.folds, a.seed, a.jobs)
+    rows = []
+    for name, change, box, extra in chosen:
+        run = os.path.join(out, name)
+        seconds = train(datas[box], run, a.fold, a.profile, a.seed, extra, a.gpu)
+        with open(os.path.join(run, "metrics.json")) as f:
+            m = json.load(f)
+        rows.append({"variant": name, "change": change, "box": box, "options": extra,
+                     "mean_dice_3d": m["mean_dice_3d"], "sd_dice_3d": m["sd_dice_3d"],
+                     "mean_dice_2d": m["mean_dice_2d"], "mean_pixel_accuracy": m["mean_pixel_accuracy"],
+                     "iterations": m["iterations"], "profile": m["profile"], "seconds": round(seconds, 1),
+                     "per_patient": {p: s["dice_3d"] for p, s in m["per_patient"].items()}})
+        result = {"profile": a.profile, "fold": a.fold, "seed": a.seed, "variants": rows}
+        atomic.write_json(os.path.join(out, "ablation.json"), result)
+        atomic.write_text(os.path.join(out, "ablation.md"), markdown(result))
+    print(markdown(result))
+    print("table: %s" % os.path.join(out, "ablation.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""`make cv`: k-fold cross-validation — train and evaluate every fold, then one table.
+
+Each fold k runs `tools/train.py --fold k --run RUNS/fold<k>` and then `tools/evaluate.py` (the same
+commands as `make train` / `make eval`), one after the other on the CPU, or in parallel one fold per
+GPU with --gpus 0,1,... (a fold waits for a free GPU). A fold whose RUN already holds final.caffemodel
+and metrics.json is not retrained (rerun with --force), and an interrupted fold resumes from its
+snapshots. Logs go to RUNS/fold<k>/cv.log.
+
+Output: RUNS/cv.json and RUNS/cv.md: 3D Dice (mean ± sd over the fold's patients) per fold, and
+mean ± sd over folds and over all patients; the profile is written into both.
+
+CLI: python3 tools/cv.py --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--weights W] [--runs runs/cv]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import atomic
+import paper
+from tools import score
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fold_commands(k, data, run, profile, weights=None, gpu=None, extra=()):
+    """The train and evaluate command lines of fold k."""
+    dev = ["--gpu", str(gpu)] if gpu is not None else []
+    train = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--fold", str(k), "--data", data,
+             "--run", run, "--profile", profile] + (["--weights", weights] if weights else []) + dev + list(extra)
+    evaluate = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--fold", str(k), "--data", data,
+                "--run", run] + dev
+    return train, evaluate
+
+
+def fold_done(run):
+    return os.path.exists(os.path.join(run, "final.caffemodel")) and os.path.exists(os.path.join(run, "metrics.json"))
+
+
+def run_folds(folds, data, runs, profile, weights=None, gpus=None, force=False, extra=()):
+    """Train + evaluate each fold (parallel over gpus when given); {k: return code}."""
+    slots = list(gpus) if gpus else [None]
+    todo = [k for k in folds if force or not fold_done(os.path.join(runs, "fold%d" % k))]
+    for k in folds:
+        if k not in todo:
+            print("fold %d: done already (%s)" % (k, os.path.join(runs, "fold%d" % k)))
+    running = {}   # slot -> (k, proc, stage, log file)
+    codes = {}
+
+    def start(slot, k, stage):
+        run = os.path.join(runs, "fold%d" % k)
+        os.makedirs(run, exist_ok=True)
+        train, ev = fold_commands(k, data, run, profile, weights, slot, extra)
+        cmd = train if stage == "train" else ev
+        logf = open(os.path.join(run, "cv.log"), "a")
+        logf.write("$ %s\n" % " ".join(cmd))
+        logf.flush()
+        print("fold %d: %s%s" % (k, stage, "" if slot is None else " on GPU %s" % slot), flush=True)
+        running[slot] = (k, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), stage, logf)
+
+    queue = list(todo)
+    try:
+        while queue or running:
+            for slot in slots:
+                if slot not in running and queue:
+                    start(slot, queue.pop(0), "train")
+            time.sleep(1)
+            for slot, (k, proc, stage, logf) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                logf.close()
+                del running[slot]
+                if proc.returncode != 0:
+                    codes[k] = proc.returncode
+                    print("fold %d: %s failed (exit %d); see %s" % (k, stage, proc.returncode,
+                          os.path.join(runs, "fold%d" % k, "cv.log")), flush=True)
+                elif stage == "train":
+                    start(slot, k, "evaluate")
+                else:
+                    codes[k] = 0
+                    print("fold %d: done" % k, flush=True)
+    except KeyboardInterrupt:
+        for k, proc, stage, logf in running.values():
+            proc.send_signal(2)       # train.py snapshots on SIGINT
+        for k, proc, stage, logf in running.values():
+            proc.wait()
+        raise
+    return codes
+
+
+def summarize(folds, runs):
+    """The cross-validation table (dict) from each RUNS/fold<k>/metrics.json."""
+    rows, all_patients, profiles = [], {}, set()
+    for k in folds:
+        path = os.path.join(runs, "fold%d" % k, "metrics.json")
+        if not os.path.exists(path):
+            rows.append({"fold": k, "missing": True})
+            continue
+        with open(path) as f:
+            m = json.load(f)
+        profiles.add(m.get("profile"))
+        per = {pid: s["dice_3d"] for pid, s in m.get("per_patient", {}).items()}
+        all_patients.update(per)
+        rows.append({"fold": k, "patients": len(per), "mean_dice_3d": m["mean_dice_3d"],
+                     "sd_dice_3d": m["sd_dice_3d"], "iterations": m.get("iterations"),
+                     "profile": m.get("profile")})
+    done = [r for r in rows if not r.get("missing")]
+    fm, fs = score.mean_sd(r["mean_dice_3d"] for r in done)
+    pm, ps = score.mean_sd(all_patients.values())
+    return {"profile": ",".join(sorted(p for p in profiles if p)), "folds": rows,
+            "mean_over_folds": fm, "sd_over_folds": fs, "mean_over_patients": pm, "sd_over_patients": ps,
+            "patients": len(all_patients), "report_val_dice_3d": paper.REPORT_VAL_DICE_3D}
+
+
+def markdown(table):
+    lines = ["# Cross-validation: 3D Dice per fold (profile %s)" % table["profile"], "",
+             "| fold | patients | 3D Dice mean ± sd | iterations |", "|---|---|---|---|"]
+    for r in table["folds"]:
+        if r.get("missing"):
+            lines.append("| %d | – | missing | – |" % r["fold"])
+        else:
+            lines.append("| %d | %d | %.3f ± %.3f | %s |" % (r["fold"], r["patients"], r["mean_dice_3d"],
+                                                            r["sd_dice_3d"], r["iterations"]))
+    lines += ["", "Over folds: **%.3f ± %.3f**; over all %d patients: %.3f ± %.3f (report, one fold: %.2f)."
+              % (table["mean_over_folds"], table["sd_over_folds"], table["patients"],
+                 table["mean_over_patients"], table["sd_over_patients"], table["report_val_dice_3d"]), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Cross-validation: train and evaluate every fold (sequentially, "
+                                 "or one per GPU with --gpus), then the table of 3D Dice per fold.")
+    ap.add_argument("--data", required=True, help="DATA folder (make data)")
+    ap.add_argument("--folds", type=int, default=paper.N_FOLDS, help="number of folds (default 5)")
+    ap.add_argument("--profile", default=paper.DEFAULT_PROFILE, choices=sorted(paper.PROFILES))
+    ap.add_argument("--gpus", help="comma-separated GPU ids: one fold per GPU at a time")
+    ap.add_argument("--weights", help="pretrained caffemodel for tools/train.py --weights")
+    ap.add_argument("--runs", default="runs/cv", help="folder of the fold runs (default runs/cv)")
+    ap.add_argument("--force", action="store_true", help="retrain folds that are done")
+    a = ap.parse_args(argv)
+    with open(os.path.join(a.data, "manifest.json")) as f:
+        n = len(json.load(f)["folds"])
+    if n != a.folds:
+        raise SystemExit("error: %s has %d folds, not %d; remake the data with --folds %d"
+                         % (a.data, n, a.folds, a.folds))
+    gpus = [g.strip() for g in a.gpus.split(",") if g.strip()] if a.gpus else None
+    folds = list(range(a.folds))
+    codes = run_folds(folds, os.path.abspath(a.data), os.path.abspath(a.runs), a.profile, a.weights, gpus, a.force)
+    table = summarize(folds, a.runs)
+    atomic.write_json(os.path.join(a.runs, "cv.json"), table)
+    text = markdown(table)
+    atomic.write_text(os.path.join(a.runs, "cv.md"), text)
+    print(text)
+    return 1 if any(codes.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
