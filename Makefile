@@ -81,7 +81,8 @@ ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mea
 segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=...) MODEL=... OUT=...: tumor mask
 	$(IN_RUNTIME) $(PYTHON) tools/segment.py --scan $(SCAN) $(if $(BOX),--box $(BOX)) \
 	  $(if $(SLICES),--slices $(SLICES)) $(if $(ROI_FILE),--roi $(ROI_FILE)) --model $(MODEL) \
-	  --out $(OUT) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(gpu_flag)
+	  --out $(OUT) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(PROTOTXT),--prototxt $(PROTOTXT)) \
+	  $(if $(BATCH),--batch $(BATCH)) $(gpu_flag)
 
 bench: runtime ## measure every stage -> bench/results.json and a table
 	$(IN_RUNTIME) $(PYTHON) tools/bench.py --out bench/results.json $(gpu_flag)
