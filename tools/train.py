@@ -182,6 +182,8 @@ def prepare(a):
                                      display=a.display)
     if a.snapshot_every:
         s.snapshot = a.snapshot_every
+    if a.base_lr:
+        s.base_lr = a.base_lr
     make_solver.write(os.path.join(run, "solver.prototxt"), s,
                       "# profile %s, fold %d, epoch %d iterations; caffe runs with cwd %s"
                       % (a.profile, a.fold, epoch, fold_dir))
@@ -320,6 +322,7 @@ def parser():
     g.add_argument("--loss-sum", dest="loss_normalize", action="store_false", help="loss = plain weighted sum")
     ap.add_argument("--seed", type=int, default=paper.SEED, help="Caffe random seed")
     ap.add_argument("--max-iter", type=int, help="override the profile's number of iterations")
+    ap.add_argument("--base-lr", type=float, help="override the profile's base learning rate")
     ap.add_argument("--validate-every", type=int, help="override the validation interval (iterations)")
     ap.add_argument("--snapshot-every", type=int, help="override the snapshot interval (iterations)")
     ap.add_argument("--stop-after", type=int, help="stop (with a snapshot, exit 130) after this many "
