@@ -63,3 +63,13 @@ def test_caffe_train_runs_the_written_solver(tmp_path):
     # Caffe's own lr at iteration 3 (stepsize ceil(8/4) = 2): base_lr * 0.9
     lr3 = float(re.search(r"Iteration 3, lr = ([0-9.e+-]+)", r.stdout).group(1))
     assert lr3 == pytest.approx(make_solver.learning_rate(s, 3)) == pytest.approx(paper.BASE_LR * paper.LR_GAMMA)
+
+
+def test_fast_profile_schedule():
+    p = paper.PROFILES["fast"]
+    max_iter, stepsize, snapshot, validate_every = make_solver.schedule(1408, "fast")
+    assert max_iter == p["max_iter"] and snapshot == max_iter
+    assert validate_every == p["validate_every"] and stepsize == math.ceil(1408 / 4)
+    assert make_solver.schedule(1408, "paper") == (5 * 1408, 352, 1408, 141)
+    with pytest.raises(KeyError):
+        make_solver.profile_settings("nope")

@@ -103,7 +103,8 @@ def phantom_run(tmp_path_factory):
     make_data.run(raw, data, n_folds=5, seed=0, jobs=1)
     fold = 4   # validation patient P005: the largest tumor of the five
     r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run,
-                        "--profile", "fast", "--fc-channels", "32", "--max-iter", "24", "--validate-every", "12",
+                        "--profile", "fast", "--base-lr", "1e-4", "--fc-channels", "32", "--max-iter", "24",
+                        "--validate-every", "12",
                         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:]

@@ -1,0 +1,47 @@
+"""tools/cv.py and tools/ablation.py tables from run folders (the training itself is tests/test_train.py's)."""
+import json
+import os
+import sys
+
+import pytest
+
+from tools import ablation, cv
+
+
+def _metrics(run, per, profile="fast"):
+    from tools import score
+    os.makedirs(run, exist_ok=True)
+    m, sd = score.mean_sd(per.values())
+    with open(os.path.join(run, "metrics.json"), "w") as f:
+        json.dump({"mean_dice_3d": m, "sd_dice_3d": sd, "profile": profile, "iterations": 10,
+                   "per_patient": {p: {"dice_3d": d} for p, d in per.items()}}, f)
+
+
+def test_cv_table(tmp_path):
+    runs = str(tmp_path)
+    _metrics(os.path.join(runs, "fold0"), {"P001": 0.8, "P002": 0.6})
+    _metrics(os.path.join(runs, "fold1"), {"P003": 0.9})
+    t = cv.summarize([0, 1, 2], runs)
+    assert t["folds"][2] == {"fold": 2, "missing": True}
+    assert t["mean_over_folds"] == pytest.approx((0.7 + 0.9) / 2)
+    assert t["sd_over_folds"] == pytest.approx(0.1414213562, abs=1e-8)
+    assert t["mean_over_patients"] == pytest.approx(2.3 / 3) and t["patients"] == 3
+    text = cv.markdown(t)
+    assert "| 0 | 2 | 0.700 ± 0.141 | 10 |" in text and "| 2 | – | missing | – |" in text
+    assert "profile fast" in text
+
+
+def test_cv_commands_one_gpu_per_fold():
+    train, ev = cv.fold_commands(3, "/d", "/r/fold3", "paper", "/w.caffemodel", gpu="1")
+    assert train[0] == sys.executable and train[1].endswith("tools/train.py")
+    assert train[2:] == ["--fold", "3", "--data", "/d", "--run", "/r/fold3", "--profile", "paper",
+                         "--weights", "/w.caffemodel", "--gpu", "1"]
+    assert ev[1].endswith("tools/evaluate.py") and ev[-2:] == ["--gpu", "1"]
+
+
+def test_ablation_table():
+    rows = [{"variant": "baseline", "change": "defaults", "mean_dice_3d": 0.5, "sd_dice_3d": 0.1,
+             "mean_dice_2d": 0.45, "mean_pixel_accuracy": 0.97, "iterations": 240}]
+    text = ablation.markdown({"profile": "fast", "fold": 0, "seed": 0, "variants": rows})
+    assert "| baseline | defaults | 0.500 ± 0.100 | 0.450 | 0.9700 | 240 |" in text
+    assert [v[0] for v in ablation.VARIANTS] == ["baseline", "crop", "box", "loss"]
