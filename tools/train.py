@@ -26,8 +26,6 @@ import argparse
 import csv
 import glob
 import io
-import json
-import math
 import os
 import re
 import shutil
@@ -288,7 +286,7 @@ def train(a):
         return 130
     with atomic.atomic_path(os.path.join(run, "final.caffemodel")) as tmp:
         shutil.copyfile(model, tmp)
-    per, summary = last
+    per, summary = last if last else evaluate.validate(val_net, patients)   # (resumed a finished run)
     metrics = dict(summary)
     metrics.update({"per_patient": {pid: {k: v for k, v in s.items() if k != "dice_2d"} for pid, s in per.items()},
                     "profile": a.profile, "iterations": int(solver.iter), "fold": a.fold,
