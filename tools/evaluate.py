@@ -23,7 +23,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import time
 
 os.environ.setdefault("GLOG_minloglevel", "2")   # keep Caffe's per-layer log off the console
