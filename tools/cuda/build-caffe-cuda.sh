@@ -177,7 +177,7 @@ host_main() {
 # Inside Debian 11: build deps, the source package, the patches, cmake, the bundle.
 
 build_deps() {
-    local want="caffe build-dep + cmake patchelf xz-utils file (v1)"
+    local want="caffe build-dep + cmake patchelf xz-utils file python3-tqdm (v2)"
     [ -f "$work/.deps" ] && [ "$(cat "$work/.deps")" = "$want" ] && return
     export DEBIAN_FRONTEND=noninteractive
     grep -q '^deb-src ' /etc/apt/sources.list ||
@@ -185,7 +185,8 @@ build_deps() {
     log "installing the build dependencies of Debian's caffe (apt-get build-dep)"
     apt-get update -q >/dev/null
     apt-get build-dep -y -q --no-install-recommends caffe >/dev/null
-    apt-get install -y -q --no-install-recommends cmake patchelf xz-utils file dpkg-dev ca-certificates >/dev/null
+    apt-get install -y -q --no-install-recommends cmake patchelf xz-utils file dpkg-dev ca-certificates \
+        python3-numpy python3-protobuf python3-six python3-h5py python3-tqdm >/dev/null
     echo "$want" >"$work/.deps"
 }
 
@@ -233,7 +234,9 @@ native_main() {
         # CUDA 13's Thrust/CUB/libcu++ require C++17 in device code; the .cpp files stay C++11.
         "-DCUDA_NVCC_FLAGS=-std=c++17${extra:+;-I$extra/include}"
         -Dpython_version=3 -DBUILD_python=ON -DBUILD_python_layer=ON -DBUILD_matlab=OFF -DBUILD_docs=OFF
-        -DUSE_OPENCV=ON -DUSE_LEVELDB=ON -DUSE_LMDB=ON -DBLAS=Generic
+        # No OpenCV: the toolkit reads HDF5 only, and bullseye's OpenCV pulls GDAL, x265, poppler and
+        # ~140 more libraries (~190 MB) into the bundle. LevelDB/LMDB stay (small), as in Debian's build.
+        -DUSE_OPENCV=OFF -DUSE_LEVELDB=ON -DUSE_LMDB=ON -DBLAS=Generic
     )
     if [ -n "$extra" ]; then
         cmake_args+=(-DCUDA_cublas_LIBRARY="$extra/lib/libcublas.so" -DCUDA_curand_LIBRARY="$extra/lib/libcurand.so"

@@ -68,13 +68,18 @@ done
 
 # $ORIGIN-relative search paths.
 patchelf --set-rpath '$ORIGIN/../lib' "$b/bin/caffe"
-patchelf --set-rpath '$ORIGIN' "$b"/lib/libcaffe.so.*.*
+# RUNPATH is not inherited: every library looks beside itself (libhdf5 -> libsz, ...).
+for f in "$b"/lib/*.so*; do
+    [ -L "$f" ] || patchelf --set-rpath '$ORIGIN' "$f" 2>/dev/null || log "patchelf left $(basename "$f") as it was"
+done
 patchelf --set-rpath '$ORIGIN/../../lib' "$b/python/caffe/_caffe.so"
 strip --strip-unneeded "$b/bin/caffe" "$b"/lib/libcaffe.so.*.* "$b/python/caffe/_caffe.so" 2>/dev/null || true
 
 cuda_version=$(/usr/local/cuda/bin/nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\),.*/\1/p' ||
     "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
 needs=$(readelf -d "$b"/lib/libcaffe.so.*.* | sed -n 's/.*Shared library: \[\(lib\(cudart\|cublas\|cublasLt\|curand\)\.so[^]]*\)\].*/\1/p' | sort -u)
+# cuBLAS loads cuBLASLt (same major version): the GPU machine must have both.
+needs="$needs $(echo "$needs" | sed -n 's/^libcublas\.so\./libcublasLt.so./p')"
 python3 - "$b/BUNDLE.json" "$tag" "$cuda_version" "$(cd "$src" && ls "$here"/patches/*.patch | xargs -n1 basename | tr '\n' ' ')" $needs <<'EOF'
 import json, sys, datetime
 path, tag, cuda, patches, *needs = sys.argv[1:]

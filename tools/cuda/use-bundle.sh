@@ -126,7 +126,8 @@ do_env() {
     [ "$stage" = 1 ] && libdirs=$dir/host-cuda
     [ -z "$missing" ] || log "warning: not found on this machine:$missing (set TSFCN_CUDA_LIBS=dir:dir)"
     local bin=$dir/bin
-    [ "$portable" = 1 ] && bin=$dir/bin:$dir/py
+    # The portable Python's extension modules (numpy, h5py, lib-dynload) find their libraries in lib/.
+    [ "$portable" = 1 ] && bin=$dir/bin:$dir/py && libdirs="$libdirs:$dir/lib"
     echo "export TSFCN_CUDA_BUNDLE_DIR='$dir'"
     echo "export TSFCN_CUDA_BIN='$bin' TSFCN_CUDA_LD='$libdirs' TSFCN_CUDA_PY='$dir/python'"
     echo "export PATH='$bin':\"\$PATH\""
