@@ -142,3 +142,23 @@ def test_caffe_test_with_python_layers_matches_the_evaluator(phantom_run):
         assert os.path.getsize(os.path.join(run, "figures", name)) > 10000
     with open(os.path.join(run, "per_patient.csv")) as f:
         assert len(list(csv.DictReader(f))) == len(per) == 1
+
+
+def test_weights_are_transplanted(phantom_run, tmp_path):
+    """--weights: conv1_1..conv3_2 come from the caffemodel (tools/surgery.py), the rest stays MSRA."""
+    import caffe
+    data, run, fold = phantom_run
+    src = os.path.join(run, "final.caffemodel")
+    run2 = str(tmp_path / "run2")
+    r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run2, "--profile",
+                        "fast", "--fc-channels", "32", "--max-iter", "1", "--base-lr", "1e-12", "--weights", src,
+                        "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    m = json.load(open(os.path.join(run2, "metrics.json")))
+    assert m["weights"].startswith("conv1_1,conv1_2,conv2_1,conv2_2,conv3_1,conv3_2 from final.caffemodel")
+    a = caffe.Net(os.path.join(run, "deploy.prototxt"), caffe.TEST, weights=src)
+    b = caffe.Net(os.path.join(run2, "deploy.prototxt"), caffe.TEST, weights=os.path.join(run2, "final.caffemodel"))
+    for name in paper.PRETRAINED_LAYERS:
+        assert abs(a.params[name][0].data - b.params[name][0].data).max() < 1e-6
+    assert abs(a.params["fc6"][0].data - b.params["fc6"][0].data).max() > 1e-3

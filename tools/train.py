@@ -43,6 +43,7 @@ import paper  # noqa: E402
 from solver import make_solver  # noqa: E402
 from tools import evaluate  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAPSHOT_NAME = "ts_fcn"
 FIXED_COLUMNS = ("iteration", "lr", "train_loss", "val_mean_dice_3d")
 
@@ -100,38 +101,40 @@ class TrainLog:
 
 # --- weights --------------------------------------------------------------------------------------
 def default_weights():
-    """(prototxt, caffemodel) of the `make weights` download, or None."""
-    try:
-        from tools import weights
-    except ImportError:
-        return None
-    finder = getattr(weights, "default_weights", None) or getattr(weights, "find", None)
-    if finder is None:
-        return None
-    found = finder()
-    return found or None
+    """The `make weights` download (tools/weights.py: weights/<file> of SOURCES, FCN-32s first), or None."""
+    from tools import weights
+    folder = os.path.join(REPO, "weights")
+    names = [weights.DEFAULT_SOURCE] + sorted(k for k in weights.SOURCES if k != weights.DEFAULT_SOURCE)
+    for name in names:
+        path = os.path.join(folder, weights.SOURCES[name]["file"])
+        if os.path.isfile(path):
+            return path
+    return None
 
 
-def init_weights(solver, profile, weights_arg):
-    """Transplant conv1-3 when asked for (or pretrained profile + download present); returns a note."""
+def init_weights(solver, profile, weights_arg, run):
+    """Transplant conv1_1..conv3_2 (tools/surgery.py) from --weights, or with a pretrained profile from
+    the `make weights` download when present; otherwise keep the MSRA fillers. Returns a note."""
     pretrained = make_solver.profile_settings(profile)["pretrained"]
-    src = None
+    model = None
     if weights_arg:
         model = os.path.abspath(weights_arg)
-        if not os.path.exists(model):
+        if not os.path.isfile(model):
             raise SystemExit("error: --weights %s not found" % weights_arg)
-        proto = os.path.splitext(model)[0] + ".prototxt"
-        src = (proto if os.path.exists(proto) else None, model)
     elif pretrained:
-        src = default_weights()
-    if src is None:
+        model = default_weights()
+    if model is None:
         if pretrained:
             log("WARNING: no pretrained weights (run `make weights` or pass --weights); training from "
                 "scratch with MSRA fillers, which the report did not do")
         return "scratch (MSRA)"
     from tools import surgery
-    surgery.transplant(solver.net, src[0], src[1])
-    return "conv1_1..conv3_2 from %s" % os.path.basename(src[1])
+    src_proto = surgery.write_source_prototxt(os.path.join(run, "conv1-3.prototxt"))
+    try:
+        copied = surgery.transplant(solver.net, src_proto, model)
+    except surgery.SurgeryError as e:
+        raise SystemExit("error: weights %s: %s" % (model, e))
+    return "%s from %s" % (",".join(copied), os.path.basename(model))
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -226,7 +229,7 @@ def train(a):
             os.chdir(cwd)
         init = "resumed from %s" % os.path.relpath(state, run)
     else:
-        init = init_weights(solver, a.profile, a.weights)
+        init = init_weights(solver, a.profile, a.weights, run)
     start = solver.iter
     tlog = TrainLog(os.path.join(run, "train_log.csv"), ids, resume_iter=start if state else None)
     val_net = evaluate.deploy_net(os.path.join(run, "deploy.prototxt"), batch=a.val_batch)
