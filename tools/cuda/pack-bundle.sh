@@ -70,6 +70,7 @@ done
 patchelf --set-rpath '$ORIGIN/../lib' "$b/bin/caffe"
 # RUNPATH is not inherited: every library looks beside itself (libhdf5 -> libsz, ...).
 for f in "$b"/lib/*.so*; do
+    case "$(basename "$f")" in libstdc++.so.*|libgcc_s.so.*) continue ;; esac   # need glibc only (patchelf 0.12 crashes on them)
     [ -L "$f" ] || patchelf --set-rpath '$ORIGIN' "$f" 2>/dev/null || log "patchelf left $(basename "$f") as it was"
 done
 patchelf --set-rpath '$ORIGIN/../../lib' "$b/python/caffe/_caffe.so"
