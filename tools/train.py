@@ -127,7 +127,11 @@ def init_weights(solver, profile, weights_arg, run):
         if pretrained:
             log("WARNING: no pretrained weights (run `make weights` or pass --weights); training from "
                 "scratch with MSRA fillers, which the report did not do")
-        return "scratch (MSRA)"
+        from tools import lsuv
+        before = lsuv.unit_variance(solver.net)
+        log("from scratch: layer outputs scaled to unit variance (LSUV; std before: %s)"
+            % ", ".join("%s %.3g" % kv for kv in before.items()))
+        return "scratch (MSRA + LSUV)"
     from tools import surgery
     src_proto = surgery.write_source_prototxt(os.path.join(run, "conv1-3.prototxt"))
     try:
@@ -229,7 +233,11 @@ def train(a):
             os.chdir(cwd)
         init = "resumed from %s" % os.path.relpath(state, run)
     else:
-        init = init_weights(solver, a.profile, a.weights, run)
+        os.chdir(fold_dir)      # LSUV runs the train net, whose data layer opens files as it goes
+        try:
+            init = init_weights(solver, a.profile, a.weights, run)
+        finally:
+            os.chdir(cwd)
     start = solver.iter
     tlog = TrainLog(os.path.join(run, "train_log.csv"), ids, resume_iter=start if state else None)
     val_net = evaluate.deploy_net(os.path.join(run, "deploy.prototxt"), batch=a.val_batch)
