@@ -5,8 +5,16 @@ Datasets: `data` float32 (N, 3, 100, 100), `label` float32 (N, 1, 100, 100) in {
 HDF5Data reads them through the HDF5 lite API). Attributes carry provenance such as the params hash
 that makes `make data` idempotent. Files are written atomically: a temporary name beside the target,
 then a rename (atomic.atomic_path), so an interrupted run never leaves a half-written file.
+
+Augmented training images go to a folder per patient, one file per source slice holding its
+paper.AUGMENTATIONS images (`write_augmented`). Caffe's HDF5Data reads one file at a time and shuffles
+the order of the files and of the rows within each file only: with one file per patient, batch-1
+training would see one patient's hundreds of images in a row, then the next patient's. One file per
+slice shuffles the training order across patients.
 """
-from typing import Dict, Optional
+import os
+import re
+from typing import Dict, List, Optional
 
 import h5py
 import numpy as np
@@ -54,6 +62,39 @@ def read_attrs(path) -> Dict:
             return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     except (OSError, KeyError):
         return {}
+
+
+SLICE_FILE = "z%04d.h5"
+SLICE_FILE_RE = re.compile(r"^z\d{4,}\.h5$")
+
+
+def augmented_files(folder) -> List[str]:
+    """The per-slice files of an augmented folder, sorted by slice (names only)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if SLICE_FILE_RE.match(n))
+
+
+def write_augmented(folder, data, label, slices, attrs: Optional[Dict] = None) -> List[str]:
+    """Write augmented images to `folder`, one file per source slice (all rows of that slice);
+    files of slices not in `slices` (an earlier run) are removed. Returns the file names."""
+    slices = np.asarray(slices)
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    for z in np.unique(slices):
+        rows = np.flatnonzero(slices == z)
+        name = SLICE_FILE % int(z)
+        write_patient_h5(os.path.join(folder, name), data[rows], label[rows], slices[rows], attrs)
+        names.append(name)
+    for stale in set(augmented_files(folder)) - set(names):
+        os.remove(os.path.join(folder, stale))
+    return names
+
+
+def read_augmented(folder) -> Dict[str, np.ndarray]:
+    """The datasets of an augmented folder, concatenated in slice order."""
+    parts = [read_patient_h5(os.path.join(folder, n)) for n in augmented_files(folder)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in DATASETS}
 
 
 def count_images(path) -> int:

@@ -5,8 +5,10 @@ Owns the pipeline and the DATA layout:
     DATA/manifest.json        params, folds, patients [{id, slices, box_side, box_center, spacing,
                               source_kind, h5, h5_aug, images, images_aug}], skipped [{id, reason}]
     DATA/pseudonym_key.json   pseudonym -> input folder name (the ONLY place input names appear)
-    DATA/patients/P001.h5     un-augmented crops (validation), DATA/patients/P001_aug.h5 8x (training)
-    DATA/fold<k>/train.txt    the _aug.h5 files of the other folds' patients, relative to DATA/fold<k>
+    DATA/patients/P001.h5     un-augmented crops (validation)
+    DATA/patients/P001_aug/   8x augmented crops (training), one file z<slice>.h5 per source slice so
+                              that Caffe's HDF5Data shuffles across patients (data_prep/hdf5_io.py)
+    DATA/fold<k>/train.txt    the augmented files of the other folds' patients, relative to DATA/fold<k>
     DATA/fold<k>/val.txt      the .h5 files of fold k's patients, relative to DATA/fold<k>
 
 Per patient: data_prep.readers.load_patient -> tumor slices only -> boxes (data_prep.crop) -> crops ->
@@ -103,7 +105,7 @@ def pseudonyms(names: List[str]) -> Dict[str, str]:
 
 
 def h5_paths(data_dir: str, pid: str):
-    rel = os.path.join(PATIENTS_DIR, pid + ".h5"), os.path.join(PATIENTS_DIR, pid + "_aug.h5")
+    rel = os.path.join(PATIENTS_DIR, pid + ".h5"), os.path.join(PATIENTS_DIR, pid + "_aug")
     return rel, tuple(os.path.join(data_dir, r) for r in rel)
 
 
@@ -123,13 +125,13 @@ TMP_RE = re.compile(r"^\..*\.tmp\d+(\..*)?$")
 
 def remove_stale_temps(data_dir: str) -> None:
     """Temporary files of writers killed mid-write (atomic.atomic_path names: .<base>.tmp<pid><ext>)."""
-    d = os.path.join(data_dir, PATIENTS_DIR)
-    for name in os.listdir(d) if os.path.isdir(d) else []:
-        if TMP_RE.match(name):
-            try:
-                os.remove(os.path.join(d, name))
-            except OSError:
-                pass
+    for folder, _, names in os.walk(os.path.join(data_dir, PATIENTS_DIR)):
+        for name in names:
+            if TMP_RE.match(name):
+                try:
+                    os.remove(os.path.join(folder, name))
+                except OSError:
+                    pass
 
 
 def _load(folder, pid, roi):
@@ -139,7 +141,8 @@ def _load(folder, pid, roi):
 
 def process_patient(folder: str, pseudonym: str, params: Dict, data_dir: str,
                     timings: Optional[Dict[str, float]] = None) -> Dict:
-    """Read, crop, map and augment one patient and write DATA/patients/<pseudonym>{,_aug}.h5.
+    """Read, crop, map and augment one patient and write DATA/patients/<pseudonym>.h5 and
+    DATA/patients/<pseudonym>_aug/ (one file per slice).
 
     Returns its manifest entry. `timings`, if given, is filled with seconds per stage: read, boxes,
     crop, intensity, augment, write, write_aug, plus preprocess (boxes..augment) and total.
@@ -189,8 +192,8 @@ def process_patient(folder: str, pseudonym: str, params: Dict, data_dir: str,
     }
     attrs = {"params_hash": params_hash(params), "input_hash": input_hash(folder),
              "entry": json.dumps(entry)}
-    # The augmented file first: the un-augmented one is the "done" marker checked last.
-    hdf5_io.write_patient_h5(path_aug, data_aug, labels_aug, zs_aug, attrs=attrs)
+    # The augmented files first: the un-augmented one is the "done" marker checked last.
+    hdf5_io.write_augmented(path_aug, data_aug, labels_aug, zs_aug, attrs=attrs)
     t6 = time.perf_counter()
     hdf5_io.write_patient_h5(path, data, labels, zs, attrs=attrs)
     t7 = time.perf_counter()
@@ -200,15 +203,15 @@ def process_patient(folder: str, pseudonym: str, params: Dict, data_dir: str,
 
 
 def finished_entry(folder: str, pseudonym: str, params: Dict, data_dir: str) -> Optional[Dict]:
-    """The manifest entry of a patient whose two HDF5 files exist and match params and input; else None."""
-    _, paths = h5_paths(data_dir, pseudonym)
-    want = (params_hash(params), input_hash(folder))
-    entry = None
-    for p in paths:
-        attrs = hdf5_io.read_attrs(p)
-        if (attrs.get("params_hash"), attrs.get("input_hash")) != want or "entry" not in attrs:
-            return None
-        entry = json.loads(attrs["entry"])
+    """The manifest entry of a patient whose HDF5 files exist and match params and input; else None."""
+    _, (path, path_aug) = h5_paths(data_dir, pseudonym)
+    attrs = hdf5_io.read_attrs(path)
+    if (attrs.get("params_hash"), attrs.get("input_hash")) != (params_hash(params), input_hash(folder)) \
+            or "entry" not in attrs:
+        return None
+    entry = json.loads(attrs["entry"])
+    if len(hdf5_io.augmented_files(path_aug)) != len(set(entry["slices"])):
+        return None
     return entry
 
 
@@ -235,7 +238,8 @@ def _work(job):
 def write_fold_lists(data_dir: str, fold_ids: List[List[str]], entries: Dict[str, Dict]) -> None:
     for k, val_ids in enumerate(fold_ids):
         fold_dir = os.path.join(data_dir, "fold%d" % k)
-        train = [entries[p]["h5_aug"] for j, ids in enumerate(fold_ids) if j != k for p in ids]
+        train = [os.path.join(entries[p]["h5_aug"], name) for j, ids in enumerate(fold_ids) if j != k
+                 for p in ids for name in hdf5_io.augmented_files(os.path.join(data_dir, entries[p]["h5_aug"]))]
         val = [entries[p]["h5"] for p in val_ids]
         rel = lambda p: os.path.relpath(os.path.join(data_dir, p), fold_dir)  # noqa: E731
         atomic.write_text(os.path.join(fold_dir, "train.txt"), "".join(rel(p) + "\n" for p in train))

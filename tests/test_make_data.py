@@ -79,7 +79,9 @@ def test_mixed_cohort_end_to_end(cohort, tmp_path, capsys):
         assert entry["box_side"] == box.side and entry["box_center"] == [box.row, box.col]
         np.testing.assert_allclose(entry["spacing"], p["spacing"], rtol=1e-5)
         h5 = hdf5_io.read_patient_h5(os.path.join(data, entry["h5"]))
-        aug = hdf5_io.read_patient_h5(os.path.join(data, entry["h5_aug"]))
+        aug = hdf5_io.read_augmented(os.path.join(data, entry["h5_aug"]))
+        # one training file per source slice, so Caffe's HDF5Data shuffles across patients
+        assert hdf5_io.augmented_files(os.path.join(data, entry["h5_aug"])) == ["z%04d.h5" % z for z in tumor]
         n = len(tumor)
         assert h5["data"].shape == (n, 3, 100, 100) and h5["label"].shape == (n, 1, 100, 100)
         assert aug["data"].shape == (8 * n, 3, 100, 100) and aug["slice"].tolist() == np.repeat(tumor, 8).tolist()
@@ -100,7 +102,8 @@ def test_mixed_cohort_end_to_end(cohort, tmp_path, capsys):
         train = open(os.path.join(fold_dir, "train.txt")).read().split()
         val = open(os.path.join(fold_dir, "val.txt")).read().split()
         assert val == ["../patients/%s.h5" % i for i in val_ids]
-        assert train == ["../patients/%s_aug.h5" % i for i in ids if i not in val_ids]
+        slices = {e["id"]: e["slices"] for e in man["patients"]}
+        assert train == ["../patients/%s_aug/z%04d.h5" % (i, z) for i in ids if i not in val_ids for z in slices[i]]
         assert all(os.path.isfile(os.path.join(fold_dir, t)) for t in train + val)
     assert "fold0" in out and "total" in out
 
@@ -113,7 +116,7 @@ def test_mixed_cohort_end_to_end(cohort, tmp_path, capsys):
     assert not os.path.exists("pwned") and not os.path.exists(os.path.join(raw, "pwned"))
     assert sorted(os.listdir(data)) == ["fold0", "fold1", "manifest.json", "patients", "pseudonym_key.json"]
     assert sorted(os.listdir(os.path.join(data, "patients"))) == sorted(
-        ["P%03d%s.h5" % (i, s) for i in range(1, 5) for s in ("", "_aug")])
+        ["P%03d%s" % (i, s) for i in range(1, 5) for s in (".h5", "_aug")])
 
 
 def test_interrupted_run_then_idempotent_rerun(cohort, tmp_path, capsys, monkeypatch):
@@ -140,7 +143,8 @@ def test_interrupted_run_then_idempotent_rerun(cohort, tmp_path, capsys, monkeyp
     rc, out, err = _run(args, capsys)
     assert rc == 2 and "patient P002" in err and "simulated crash" in err
     left = sorted(os.listdir(os.path.join(data, "patients")))
-    assert left == ["P001.h5", "P001_aug.h5", "P002_aug.h5"]   # no half-written P002.h5, no temp file
+    assert left == ["P001.h5", "P001_aug", "P002_aug"]   # no half-written P002.h5, no temp file
+    assert not any(n.startswith(".") for n in os.listdir(os.path.join(data, "patients", "P002_aug")))
     assert not os.path.exists(os.path.join(data, "manifest.json"))
     monkeypatch.setattr(hdf5_io.h5py, "File", real_file)
 
