@@ -12,6 +12,8 @@ RUNTIME  := tools/runtime/runtime.sh
 BIND_VARS := RAW DATA RUN SCAN OUT MODEL WEIGHTS SNAPSHOT ROI_FILE PROTOTXT
 export TSFCN_BIND := $(subst $(eval) ,:,$(strip $(foreach v,$(BIND_VARS),$(if $($(v)),$(abspath $($(v)))))))
 IN_RUNTIME := $(RUNTIME) exec
+# GPU=id / GPUS=ids: the runtime swaps in the CUDA build of Caffe (make caffe-cuda).
+export TSFCN_GPU := $(strip $(GPU)$(GPUS))
 
 # Defaults (override on the command line).
 FOLD     ?= 0

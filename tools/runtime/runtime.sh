@@ -18,6 +18,9 @@
 #                  to the archive, use http://archive.debian.org/debian)
 #   TSFCN_NATIVE   1: require native Caffe, 0: always use the root filesystem (default: auto)
 #   TSFCN_BLAS_CORE  OpenBLAS core to force (e.g. Haswell); default: the best that passes the self-check
+#   TSFCN_GPU      set (the Makefile sets it from GPU=/GPUS=): commands inside the root filesystem use the
+#                  CUDA Caffe bundle of `make caffe-cuda` (TSFCN_CUDA_BUNDLE, default
+#                  build/caffe-cuda-sm${CUDA_ARCH:-90}.tar.xz) instead of Debian's CPU-only Caffe
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -135,6 +138,23 @@ blas_report() {
     run_env python3 "$repo/tools/runtime/blas_core.py" --refresh
 }
 
+# GPU runs in the root filesystem: unpack the CUDA bundle once and stage the host's CUDA and driver
+# libraries beside it (the chroot sees only bound paths); sets gpu_path/gpu_ld/gpu_py for run_env.
+gpu_path="" gpu_ld="" gpu_py=""
+gpu_setup() {
+    [ -n "${TSFCN_GPU:-}" ] || return 0
+    local bundle=${TSFCN_CUDA_BUNDLE:-$repo/build/caffe-cuda-sm${CUDA_ARCH:-90}.tar.xz} dir
+    if [ -z "${TSFCN_CUDA_BUNDLE_DIR:-}" ]; then
+        [ -f "$bundle" ] || { log "GPU=$TSFCN_GPU needs a CUDA build of Caffe: run 'make caffe-cuda' (or set TSFCN_CUDA_BUNDLE)"; exit 1; }
+        dir=$(bash "$repo/tools/cuda/use-bundle.sh" unpack "$bundle")
+    else
+        dir=$TSFCN_CUDA_BUNDLE_DIR
+    fi
+    eval "$(bash "$repo/tools/cuda/use-bundle.sh" env --dir "$dir" --stage)"
+    TSFCN_BIND="${TSFCN_BIND:-}:$dir"
+    gpu_path="$TSFCN_CUDA_BIN:" gpu_ld="$TSFCN_CUDA_LD" gpu_py="$TSFCN_CUDA_PY:"
+}
+
 # The environment every toolkit command sees.
 run_env() {
     local pp="$repo/layers:$repo"
@@ -143,8 +163,10 @@ run_env() {
             bash -c 'eval "$(python3 "$TSFCN_REPO/tools/runtime/blas_core.py" --env)"; exec "$@"' bash "$@"
     else
         [ -f "$ready" ] || { log "no runtime yet: run 'make env' first"; exit 1; }
-        in_rootfs /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-            HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" PYTHONPATH="$pp" TSFCN_REPO="$repo" \
+        gpu_setup
+        in_rootfs /usr/bin/env -i PATH=${gpu_path}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            ${gpu_ld:+LD_LIBRARY_PATH=$gpu_ld} ${TSFCN_GPU:+TSFCN_GPU=$TSFCN_GPU} \
+            HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" PYTHONPATH="$gpu_py$pp" TSFCN_REPO="$repo" \
             PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg GLOG_minloglevel="${GLOG_minloglevel:-1}" \
             ${TSFCN_BLAS_CORE:+TSFCN_BLAS_CORE=$TSFCN_BLAS_CORE} ${OMP_NUM_THREADS:+OMP_NUM_THREADS=$OMP_NUM_THREADS} \
             ${OPENBLAS_NUM_THREADS:+OPENBLAS_NUM_THREADS=$OPENBLAS_NUM_THREADS} ${CI:+CI=$CI} \
