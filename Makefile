@@ -72,9 +72,9 @@ eval: runtime ## FOLD=k [RUN SNAPSHOT GPU]: caffe test + per-patient 3D Dice + f
 	$(IN_RUNTIME) $(PYTHON) tools/evaluate.py --fold $(FOLD) --data $(DATA) --run $(RUN) \
 	  $(if $(SNAPSHOT),--snapshot $(SNAPSHOT)) $(gpu_flag)
 
-cv: runtime ## [GPUS=0,1,...]: every fold, then the table of 3D Dice per fold
+cv: runtime ## [GPUS=0,1,... RUNS=runs/cv]: every fold, then the table of 3D Dice per fold
 	$(IN_RUNTIME) $(PYTHON) tools/cv.py --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) \
-	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WEIGHTS),--weights $(WEIGHTS))
+	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(RUNS),--runs $(RUNS))
 
 ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum) as one table
 	$(IN_RUNTIME) $(PYTHON) tools/ablation.py --raw $(or $(RAW),runs/demo/raw) --out $(or $(OUT),runs/ablation) \
