@@ -74,6 +74,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--gpu", type=int, help="GPU id (CUDA build of Caffe)")
     ap.add_argument("--only", nargs="*", choices=[v[0] for v in VARIANTS], help="run only these variants")
+    ap.add_argument("--max-iter", type=int, help="override the profile's iterations (smoke runs)")
     a = ap.parse_args(argv)
     out = os.path.abspath(a.out)
     raw = os.path.abspath(a.raw)
@@ -87,7 +88,8 @@ def main(argv=None):
     rows = []
     for name, change, box, extra in chosen:
         run = os.path.join(out, name)
-        seconds = train(datas[box], run, a.fold, a.profile, a.seed, extra, a.gpu)
+        more = ["--max-iter", str(a.max_iter)] if a.max_iter else []
+        seconds = train(datas[box], run, a.fold, a.profile, a.seed, extra + more, a.gpu)
         with open(os.path.join(run, "metrics.json")) as f:
             m = json.load(f)
         rows.append({"variant": name, "change": change, "box": box, "options": extra,

@@ -139,6 +139,7 @@ def main(argv=None):
     ap.add_argument("--weights", help="pretrained caffemodel for tools/train.py --weights")
     ap.add_argument("--runs", default="runs/cv", help="folder of the fold runs (default runs/cv)")
     ap.add_argument("--force", action="store_true", help="retrain folds that are done")
+    ap.add_argument("--max-iter", type=int, help="override the profile's iterations (smoke runs)")
     a = ap.parse_args(argv)
     with open(os.path.join(a.data, "manifest.json")) as f:
         n = len(json.load(f)["folds"])
@@ -147,7 +148,8 @@ def main(argv=None):
                          % (a.data, n, a.folds, a.folds))
     gpus = [g.strip() for g in a.gpus.split(",") if g.strip()] if a.gpus else None
     folds = list(range(a.folds))
-    codes = run_folds(folds, os.path.abspath(a.data), os.path.abspath(a.runs), a.profile, a.weights, gpus, a.force)
+    codes = run_folds(folds, os.path.abspath(a.data), os.path.abspath(a.runs), a.profile, a.weights, gpus, a.force,
+                      extra=["--max-iter", str(a.max_iter)] if a.max_iter else ())
     table = summarize(folds, a.runs)
     atomic.write_json(os.path.join(a.runs, "cv.json"), table)
     text = markdown(table)
