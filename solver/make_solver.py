@@ -85,7 +85,7 @@ def solver_parameter(train_net, epoch, snapshot_prefix, profile="paper", gpu=Fal
     s.momentum2 = paper.MOMENTUM2
     s.delta = paper.DELTA
     s.lr_policy = paper.LR_POLICY
-    s.gamma = paper.LR_GAMMA
+    s.gamma = p.get("gamma", paper.LR_GAMMA)
     s.stepsize = stepsize
     s.weight_decay = paper.WEIGHT_DECAY
     s.max_iter = int(max_iter or n_iter)
