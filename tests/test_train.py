@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import paper
@@ -103,8 +104,8 @@ def phantom_run(tmp_path_factory):
     make_data.run(raw, data, n_folds=5, seed=0, jobs=1)
     fold = 4   # validation patient P005: the largest tumor of the five
     r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run,
-                        "--profile", "fast", "--base-lr", "1e-4", "--fc-channels", "32", "--max-iter", "24",
-                        "--validate-every", "12",
+                        "--profile", "fast", "--base-lr", "1e-4", "--fc-channels", "256", "--max-iter", "48",
+                        "--validate-every", "24",
                         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:]
@@ -114,13 +115,16 @@ def phantom_run(tmp_path_factory):
 def test_short_training_learns(phantom_run):
     data, run, fold = phantom_run
     rows = _rows(run)
-    assert [int(r["iteration"]) for r in rows] == [0, 12, 24]
-    losses = [float(r["train_loss"]) for r in rows[1:]]
-    assert losses[-1] < losses[0], losses                                  # the loss falls
+    assert [int(r["iteration"]) for r in rows] == [0, 24, 48]
+    # the loss falls: the weighted loss on the fixed validation slices (the mean training loss of 12
+    # batch-1 iterations on shuffled images is too noisy to compare)
+    val_losses = [float(r["val_loss"]) for r in rows]
+    assert val_losses[-1] < 0.9 * val_losses[0], val_losses
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows[1:])
     dice = [float(r["val_mean_dice_3d"]) for r in rows]
     assert dice[-1] > dice[0] + 0.05, dice                                 # beats the untrained net
     m = json.load(open(os.path.join(run, "metrics.json")))
-    assert m["profile"] == "fast" and m["iterations"] == 24
+    assert m["profile"] == "fast" and m["iterations"] == 48
     assert m["mean_dice_3d"] == pytest.approx(dice[-1], abs=1e-4)
     assert os.path.exists(os.path.join(run, "figures", "fig5_val_dice.png"))
 
@@ -151,7 +155,7 @@ def test_weights_are_transplanted(phantom_run, tmp_path):
     src = os.path.join(run, "final.caffemodel")
     run2 = str(tmp_path / "run2")
     r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run2, "--profile",
-                        "fast", "--fc-channels", "32", "--max-iter", "1", "--base-lr", "1e-12", "--weights", src,
+                        "fast", "--fc-channels", "256", "--max-iter", "1", "--base-lr", "1e-12", "--weights", src,
                         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-3000:]

@@ -152,13 +152,23 @@ def tumor_probability(net, data):
     return forward(net, data, ("prob",))["prob"][:, paper.TUMOR]
 
 
-def validate(net, patients):
-    """{pseudonym: tools.score.patient_scores} of thresholded predictions, and the cohort summary."""
-    per = {}
+def validate(net, patients, loss=None):
+    """{pseudonym: tools.score.patient_scores} of thresholded predictions, and the cohort summary.
+    With `loss` = (class weights, normalize), the summary also has `val_loss`: the training objective
+    (layers/weighted_loss.py) of the net's scores, averaged over the validation images."""
+    import weighted_loss
+    per, losses = {}, []
+    blobs = ("prob", "score_crop") if loss else ("prob",)
     for pid, data, label, _ in patients:
-        pred = tumor_probability(net, data) > THRESHOLD
-        per[pid] = score.patient_scores(pred, label)
-    return per, score.cohort_summary(per)
+        out = forward(net, data, blobs)
+        per[pid] = score.patient_scores(out["prob"][:, paper.TUMOR] > THRESHOLD, label)
+        if loss:
+            losses += [weighted_loss.weighted_loss(s[None], y[None, None], *loss)[0]
+                       for s, y in zip(out["score_crop"], label)]
+    summary = score.cohort_summary(per)
+    if loss:
+        summary["val_loss"] = float(np.mean(losses))
+    return per, summary
 
 
 # --- caffe test -----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from tools import evaluate  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAPSHOT_NAME = "ts_fcn"
-FIXED_COLUMNS = ("iteration", "lr", "train_loss", "val_mean_dice_3d")
+FIXED_COLUMNS = ("iteration", "lr", "train_loss", "val_mean_dice_3d", "val_loss")
 
 
 def log(msg):
@@ -248,10 +248,10 @@ def train(a):
            info["validate_every"], len(ids), n_val, run))
 
     def validate(loss):
-        per, summary = evaluate.validate(val_net, patients)
+        per, summary = evaluate.validate(val_net, patients, loss=(paper.CLASS_WEIGHTS, a.loss_normalize))
         tlog.add(iteration=solver.iter, lr="%.6g" % make_solver.learning_rate(sp, solver.iter),
                  train_loss="" if loss is None else "%.6g" % loss,
-                 val_mean_dice_3d="%.4f" % summary["mean_dice_3d"],
+                 val_mean_dice_3d="%.4f" % summary["mean_dice_3d"], val_loss="%.6g" % summary["val_loss"],
                  **{pid: "%.4f" % per[pid]["dice_3d"] for pid in per})
         try:
             from tools import figures
