@@ -69,7 +69,11 @@ def test_fast_profile_schedule():
     p = paper.PROFILES["fast"]
     max_iter, stepsize, snapshot, validate_every = make_solver.schedule(1408, "fast")
     assert max_iter == p["max_iter"] and snapshot == max_iter
-    assert validate_every == p["validate_every"] and stepsize == math.ceil(1408 / 4)
+    assert validate_every == p["validate_every"] and stepsize == p["stepsize"]
+    fast = make_solver.solver_parameter("train.prototxt", 1408, "snap", "fast")
+    assert fast.stepsize == p["stepsize"] and fast.gamma == pytest.approx(p["gamma"])
+    paper_sp = make_solver.solver_parameter("train.prototxt", 1408, "snap", "paper")
+    assert paper_sp.stepsize == math.ceil(1408 / 4) and paper_sp.gamma == pytest.approx(paper.LR_GAMMA)
     assert make_solver.schedule(1408, "paper") == (5 * 1408, 352, 1408, 141)
     with pytest.raises(KeyError):
         make_solver.profile_settings("nope")
