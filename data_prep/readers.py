@@ -49,7 +49,7 @@ def _volume_ext(path):
     return None
 
 
-def _find_volume(folder, stem):
+def find_volume(folder, stem):
     """`stem`.nii.gz / .nii / .nrrd in `folder` (case-insensitive), or None."""
     try:
         names = sorted(os.listdir(folder))
@@ -226,9 +226,9 @@ def load_patient(folder, roi_regex=paper.ROI_REGEX, patient="P001"):
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise BadInput(patient, ".", "patient folder not found")
-    image = _find_volume(folder, "image")
+    image = find_volume(folder, "image")
     if image is not None:
-        mask = _find_volume(folder, "mask")
+        mask = find_volume(folder, "mask")
         if mask is None:
             raise BadInput(patient, image, "no segmentation: %s without mask.nii, mask.nii.gz or mask.nrrd" % image)
         scan = _volume_scan(os.path.join(folder, image), image, patient)
@@ -260,7 +260,7 @@ def load_scan(path, patient="scan"):
         raise BadInput(patient, ".", "scan path not found")
     files = dicom_series.find_dicom(path, patient)
     if not files:
-        image = _find_volume(path, "image")
+        image = find_volume(path, "image")
         if image is not None:
             return _volume_scan(os.path.join(path, image), image, patient)
         raise BadInput(patient, ".", "no DICOM files and no image.nii/.nii.gz/.nrrd in the folder")

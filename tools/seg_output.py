@@ -18,13 +18,14 @@ from typing import Optional, Tuple
 import numpy as np
 
 import atomic
+from data_prep import readers
 
 SEG_ALGORITHM = "TS-FCN"
 SEG_SEGMENT_LABEL = "Tumor"
 SEG_SERIES_NUMBER = 901
 SEG_SERIES_DESCRIPTION = "TS-FCN tumor segmentation"
 SOFTWARE_VERSION = "1.0"
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = readers.RAS_TO_LPS        # the flip of x and y is its own inverse
 DISPLAY_WINDOW_HU = (-1350.0, 150.0)   # lung window (level -600, width 1500) for the overlays
 OVERLAY_DIR = "overlays"
 
@@ -41,8 +42,7 @@ def reference_grid(scan_path) -> Optional[Tuple[np.ndarray, Tuple[int, int, int]
     DICOM folders."""
     path = str(scan_path)
     if os.path.isdir(path):   # a folder holding image.nii[.gz] / image.nrrd (data_prep.readers.load_scan)
-        from data_prep import readers
-        name = readers._find_volume(path, "image")   # the file load_scan reads there
+        name = readers.find_volume(path, "image")   # the file load_scan reads there
         if name is None:
             return None
         path = os.path.join(path, name)
