@@ -22,12 +22,12 @@ import argparse
 import math
 import os
 
-import h5py
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 import atomic
 import paper
+from data_prep import hdf5_io
 
 
 def profile_settings(name):
@@ -47,11 +47,7 @@ def read_list(list_path):
 
 def count_images(list_path):
     """Total rows of 'data' over the HDF5 files of a list (= images Caffe iterates per pass)."""
-    n = 0
-    for path in read_list(list_path):
-        with h5py.File(path, "r") as f:
-            n += int(f["data"].shape[0])
-    return n
+    return sum(hdf5_io.count_images(path) for path in read_list(list_path))
 
 
 def epoch_size(data_dir, fold):
