@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import paper
 from tools import ablation, cv
 
 
@@ -44,4 +45,18 @@ def test_ablation_table():
              "mean_dice_2d": 0.45, "mean_pixel_accuracy": 0.97, "iterations": 240}]
     text = ablation.markdown({"profile": "fast", "fold": 0, "seed": 0, "variants": rows})
     assert "| baseline | defaults | 0.500 ± 0.100 | 0.450 | 0.9700 | 240 |" in text
-    assert [v[0] for v in ablation.VARIANTS] == ["baseline", "crop", "box", "loss"]
+    assert [v[0] for v in ablation.VARIANTS] == ["baseline", "crop", "box", "loss", "weights"]
+
+
+def test_ablation_variants_change_one_thing_each():
+    """Each variant's train.py options parse and move exactly one setting away from the report's defaults."""
+    from tools import train
+    base = ["--fold", "0", "--data", "d", "--run", "r"]
+    default = vars(train.parser().parse_args(base))
+    changed = {}
+    for name, _, box, extra in ablation.VARIANTS:
+        a = vars(train.parser().parse_args(base + extra))
+        diff = {k for k in a if a[k] != default[k]}
+        changed[name] = diff | ({"box"} if box != paper.DEFAULT_BOX_MODE else set())
+    assert changed == {"baseline": set(), "crop": {"crop"}, "box": {"box"}, "loss": {"loss_normalize"},
+                       "weights": {"class_weights"}}

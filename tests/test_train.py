@@ -166,3 +166,32 @@ def test_weights_are_transplanted(phantom_run, tmp_path):
     for name in paper.PRETRAINED_LAYERS:
         assert abs(a.params[name][0].data - b.params[name][0].data).max() < 1e-6
     assert abs(a.params["fc6"][0].data - b.params["fc6"][0].data).max() > 1e-3
+
+
+def test_class_weights_option_reaches_the_caffe_loss(phantom_run, tmp_path):
+    """--class-weights BG TUMOR: recorded in run.json, and Caffe's loss layer of the run's nets uses them."""
+    import caffe
+    import weighted_loss
+    data, run, fold = phantom_run
+    run2 = str(tmp_path / "balanced")
+    r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run2, "--profile",
+                        "fast", "--fc-channels", "256", "--max-iter", "1", "--class-weights", "0.5", "0.5",
+                        "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    info = json.load(open(os.path.join(run2, "run.json")))
+    assert info["net"]["class_weights"] == [0.5, 0.5]
+    assert "class_weights" not in json.load(open(os.path.join(run, "run.json")))["net"]   # default: not recorded
+    cwd = os.getcwd()
+    os.chdir(os.path.join(data, "fold%d" % fold))      # the val net's HDF5 list is relative to the fold
+    try:
+        net = caffe.Net(os.path.join(run2, "val.prototxt"), caffe.TEST,
+                        weights=os.path.join(run2, "final.caffemodel"))
+        net.forward()
+    finally:
+        os.chdir(cwd)
+    scores, labels = net.blobs["score_crop"].data, net.blobs["label"].data
+    balanced = weighted_loss.weighted_loss(scores, labels, [0.5, 0.5])[0]
+    report = weighted_loss.weighted_loss(scores, labels, paper.CLASS_WEIGHTS)[0]
+    assert float(net.blobs["loss"].data) == pytest.approx(balanced, rel=1e-4)
+    assert abs(balanced - report) > 1e-3 * balanced

@@ -5,6 +5,8 @@ Variants (fold --fold of the same cohort, same profile, same Caffe seed):
   crop        crop aligned (offset 11, caffe.coord_map)
   box         one box per slice (its own `make data --box slice` run: OUT/data_slice)
   loss        plain weighted sum (Fig. 2 as printed)
+  weights     class weights 0.5/0.5 instead of the report's 0.04/0.96 (not a SPEC §7 choice: it measures
+              what the report's weighting costs or gains under the same profile)
 Each variant is a tools/train.py run in OUT/<variant>/ (resumable; a finished run is reused); its
 final validation scores (metrics.json) fill the table. Output: OUT/ablation.json and OUT/ablation.md.
 
@@ -28,6 +30,7 @@ VARIANTS = (
     ("crop", "crop aligned (offset 11)", "patient", ["--crop", "aligned"]),
     ("box", "box per slice", "slice", []),
     ("loss", "loss plain sum", "patient", ["--loss-sum"]),
+    ("weights", "class weights 0.5/0.5", "patient", ["--class-weights", "0.5", "0.5"]),
 )
 
 

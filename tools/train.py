@@ -20,7 +20,7 @@ per-patient 3D Dice. Ctrl-C (SIGINT) or SIGTERM: snapshot, write the log, exit 1
 same command resumes from the latest RUN/snapshots/*.solverstate (iteration and lr schedule intact).
 
 CLI: python3 tools/train.py --fold K --data DATA --run RUN [--profile paper|fast] [--weights W]
-     [--gpu ID] [--crop center|aligned] [--loss-normalize|--loss-sum] [--seed S]
+     [--gpu ID] [--crop center|aligned] [--loss-normalize|--loss-sum] [--class-weights BG TUMOR] [--seed S]
 """
 import argparse
 import csv
@@ -172,6 +172,8 @@ def prepare(a):
         raise SystemExit("error: %s/train.txt not found; make the data first (make data)" % fold_dir)
     os.makedirs(os.path.join(run, "snapshots"), exist_ok=True)
     net_kw = {"crop_mode": a.crop, "normalize": a.loss_normalize}
+    if tuple(a.class_weights) != paper.CLASS_WEIGHTS:   # recorded only when changed (old run.json stay valid)
+        net_kw["class_weights"] = [float(w) for w in a.class_weights]
     if a.fc_channels:
         net_kw["fc_channels"] = a.fc_channels
     for split in ("train", "val", "deploy"):
@@ -248,7 +250,7 @@ def train(a):
            info["validate_every"], len(ids), n_val, run))
 
     def validate(loss):
-        per, summary = evaluate.validate(val_net, patients, loss=(paper.CLASS_WEIGHTS, a.loss_normalize))
+        per, summary = evaluate.validate(val_net, patients, loss=(a.class_weights, a.loss_normalize))
         tlog.add(iteration=solver.iter, lr="%.6g" % make_solver.learning_rate(sp, solver.iter),
                  train_loss="" if loss is None else "%.6g" % loss,
                  val_mean_dice_3d="%.4f" % summary["mean_dice_3d"], val_loss="%.6g" % summary["val_loss"],
@@ -329,6 +331,8 @@ def parser():
     g.add_argument("--loss-normalize", dest="loss_normalize", action="store_true", default=paper.LOSS_NORMALIZE,
                    help="loss = weighted mean over pixels (default)")
     g.add_argument("--loss-sum", dest="loss_normalize", action="store_false", help="loss = plain weighted sum")
+    ap.add_argument("--class-weights", nargs=2, type=float, metavar=("BG", "TUMOR"), default=paper.CLASS_WEIGHTS,
+                    help="loss weights of background and tumor (default the report's %s %s)" % paper.CLASS_WEIGHTS)
     ap.add_argument("--seed", type=int, default=paper.SEED, help="Caffe random seed")
     ap.add_argument("--max-iter", type=int, help="override the profile's number of iterations")
     ap.add_argument("--base-lr", type=float, help="override the profile's base learning rate")
