@@ -64,9 +64,9 @@ prototxt: runtime ## regenerate prototxt/{train,val,deploy}.prototxt from protot
 weights: runtime ## download the FCN-32s PASCAL (or WEIGHTS_SOURCE=vgg16) caffemodel into weights/
 	$(IN_RUNTIME) $(PYTHON) tools/weights.py $(if $(WEIGHTS_SOURCE),--source $(WEIGHTS_SOURCE))
 
-train: runtime ## FOLD=k [DATA RUN WEIGHTS GPU PROFILE=paper|fast]: train one fold
+train: runtime ## FOLD=k [DATA RUN WEIGHTS GPU PROFILE=paper|fast TRAIN_ARGS='--crop aligned ...']: train one fold
 	$(IN_RUNTIME) $(PYTHON) tools/train.py --fold $(FOLD) --data $(DATA) --run $(RUN) \
-	  --profile $(PROFILE) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(gpu_flag)
+	  --profile $(PROFILE) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(gpu_flag) $(TRAIN_ARGS)
 
 eval: runtime ## FOLD=k [RUN SNAPSHOT GPU]: caffe test + per-patient 3D Dice + figures
 	$(IN_RUNTIME) $(PYTHON) tools/evaluate.py --fold $(FOLD) --data $(DATA) --run $(RUN) \
@@ -74,9 +74,10 @@ eval: runtime ## FOLD=k [RUN SNAPSHOT GPU]: caffe test + per-patient 3D Dice + f
 
 cv: runtime ## [GPUS=0,1,... RUNS=runs/cv]: every fold, then the table of 3D Dice per fold
 	$(IN_RUNTIME) $(PYTHON) tools/cv.py --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) \
-	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(RUNS),--runs $(RUNS))
+	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(RUNS),--runs $(RUNS)) \
+	  $(if $(TRAIN_ARGS),--train-args '$(TRAIN_ARGS)')
 
-ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum) as one table
+ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum), weights 0.5/0.5: one table
 	$(IN_RUNTIME) $(PYTHON) tools/ablation.py --raw $(or $(RAW),runs/demo/raw) --out $(or $(OUT),runs/ablation) \
 	  --profile $(or $(filter-out paper,$(PROFILE)),fast) $(gpu_flag)
 

@@ -40,6 +40,30 @@ def test_cv_commands_one_gpu_per_fold():
     assert ev[1].endswith("tools/evaluate.py") and ev[-2:] == ["--gpu", "1"]
 
 
+def test_cv_passes_train_args_to_every_fold(tmp_path, monkeypatch):
+    """make cv TRAIN_ARGS='...' -> --train-args: split like a shell line and appended to each fold's train.py."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"folds": [["P001"], ["P002"]]}))
+    seen = {}
+
+    def fake_run_folds(folds, data_dir, runs, profile, weights, gpus, force, extra=()):
+        seen["extra"] = list(extra)
+        for k in folds:
+            _metrics(os.path.join(runs, "fold%d" % k), {"P%03d" % (k + 1): 0.5})
+        return {k: 0 for k in folds}
+
+    monkeypatch.setattr(cv, "run_folds", fake_run_folds)
+    code = cv.main(["--data", str(data), "--folds", "2", "--runs", str(tmp_path / "runs"), "--max-iter", "3",
+                    "--train-args", "--crop aligned --class-weights 0.5 0.5"])
+    assert code == 0
+    assert seen["extra"] == ["--max-iter", "3", "--crop", "aligned", "--class-weights", "0.5", "0.5"]
+    train, _ = cv.fold_commands(0, "/d", "/r", "fast", extra=seen["extra"])
+    from tools import train as train_tool
+    a = train_tool.parser().parse_args(train[2:])
+    assert a.crop == "aligned" and a.class_weights == [0.5, 0.5] and a.max_iter == 3
+
+
 def test_ablation_table():
     rows = [{"variant": "baseline", "change": "defaults", "mean_dice_3d": 0.5, "sd_dice_3d": 0.1,
              "mean_dice_2d": 0.45, "mean_pixel_accuracy": 0.97, "iterations": 240}]

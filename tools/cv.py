@@ -10,10 +10,12 @@ Output: RUNS/cv.json and RUNS/cv.md: 3D Dice (mean ± sd over the fold's patient
 mean ± sd over folds and over all patients; the profile is written into both.
 
 CLI: python3 tools/cv.py --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--weights W] [--runs runs/cv]
+     [--train-args "--crop aligned ..."]
 """
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -140,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--runs", default="runs/cv", help="folder of the fold runs (default runs/cv)")
     ap.add_argument("--force", action="store_true", help="retrain folds that are done")
     ap.add_argument("--max-iter", type=int, help="override the profile's iterations (smoke runs)")
+    ap.add_argument("--train-args", default="", help="more tools/train.py options for every fold, one string, "
+                    "e.g. \"--crop aligned --loss-sum\"")
     a = ap.parse_args(argv)
     with open(os.path.join(a.data, "manifest.json")) as f:
         n = len(json.load(f)["folds"])
@@ -149,7 +153,7 @@ def main(argv=None):
     gpus = [g.strip() for g in a.gpus.split(",") if g.strip()] if a.gpus else None
     folds = list(range(a.folds))
     codes = run_folds(folds, os.path.abspath(a.data), os.path.abspath(a.runs), a.profile, a.weights, gpus, a.force,
-                      extra=["--max-iter", str(a.max_iter)] if a.max_iter else ())
+                      extra=(["--max-iter", str(a.max_iter)] if a.max_iter else []) + shlex.split(a.train_args))
     table = summarize(folds, a.runs)
     atomic.write_json(os.path.join(a.runs, "cv.json"), table)
     text = markdown(table)
