@@ -30,6 +30,13 @@ def test_cv_table(tmp_path):
     text = cv.markdown(t)
     assert "| 0 | 2 | 0.700 ± 0.141 | 10 |" in text and "| 2 | – | missing | – |" in text
     assert "profile fast" in text
+    assert t["folds"][0]["per_patient"] == {"P001": 0.8, "P002": 0.6}
+    png = cv.figure(t, os.path.join(runs, "cv_dice.png"))
+    with open(png, "rb") as f:
+        first = f.read()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n" and len(first) > 10000
+    with open(cv.figure(t, os.path.join(runs, "again.png")), "rb") as f:
+        assert f.read() == first                         # fixed jitter: same numbers, same picture
 
 
 def test_cv_commands_one_gpu_per_fold():

@@ -8,7 +8,8 @@ Variants (fold --fold of the same cohort, same profile, same Caffe seed):
   weights     class weights 0.5/0.5 instead of the report's 0.04/0.96 (not a SPEC §7 choice: it measures
               what the report's weighting costs or gains under the same profile)
 Each variant is a tools/train.py run in OUT/<variant>/ (resumable; a finished run is reused); its
-final validation scores (metrics.json) fill the table. Output: OUT/ablation.json and OUT/ablation.md.
+final validation scores (metrics.json) fill the table. Output: OUT/ablation.json, OUT/ablation.md and
+OUT/ablation_dice.png (each variant's per-patient 3D Dice side by side).
 
 CLI: python3 tools/ablation.py --raw RAW --out OUT [--profile fast] [--fold 0] [--seed 0] [--gpu ID]
 """
@@ -103,8 +104,11 @@ def main(argv=None):
         result = {"profile": a.profile, "fold": a.fold, "seed": a.seed, "variants": rows}
         atomic.write_json(os.path.join(out, "ablation.json"), result)
         atomic.write_text(os.path.join(out, "ablation.md"), markdown(result))
+    from tools import figures
+    figures.dice_groups(os.path.join(out, "ablation_dice.png"), [(r["variant"], r["per_patient"]) for r in rows],
+                        "Ablation, fold %d: 3D Dice per variant [%s]" % (a.fold, a.profile))
     print(markdown(result))
-    print("table: %s" % os.path.join(out, "ablation.md"))
+    print("table: %s; figure: %s" % (os.path.join(out, "ablation.md"), os.path.join(out, "ablation_dice.png")))
     return 0
 
 

@@ -7,7 +7,8 @@ and metrics.json is not retrained (rerun with --force), and an interrupted fold 
 snapshots. Logs go to RUNS/fold<k>/cv.log.
 
 Output: RUNS/cv.json and RUNS/cv.md: 3D Dice (mean ± sd over the fold's patients) per fold, and
-mean ± sd over folds and over all patients; the profile is written into both.
+mean ± sd over folds and over all patients; the profile is written into both. RUNS/cv_dice.png: each
+fold's per-patient 3D Dice side by side.
 
 CLI: python3 tools/cv.py --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--weights W] [--runs runs/cv]
      [--train-args "--crop aligned ..."]
@@ -107,13 +108,21 @@ def summarize(folds, runs):
         all_patients.update(per)
         rows.append({"fold": k, "patients": len(per), "mean_dice_3d": m["mean_dice_3d"],
                      "sd_dice_3d": m["sd_dice_3d"], "iterations": m.get("iterations"),
-                     "profile": m.get("profile")})
+                     "profile": m.get("profile"), "per_patient": per})
     done = [r for r in rows if not r.get("missing")]
     fm, fs = score.mean_sd(r["mean_dice_3d"] for r in done)
     pm, ps = score.mean_sd(all_patients.values())
     return {"profile": ",".join(sorted(p for p in profiles if p)), "folds": rows,
             "mean_over_folds": fm, "sd_over_folds": fs, "mean_over_patients": pm, "sd_over_patients": ps,
             "patients": len(all_patients), "report_val_dice_3d": paper.REPORT_VAL_DICE_3D}
+
+
+def figure(table, png):
+    """Per-patient 3D Dice of each fold, side by side (tools/figures.dice_groups)."""
+    from tools import figures
+    groups = [("fold %d" % r["fold"], r["per_patient"]) for r in table["folds"] if not r.get("missing")]
+    return figures.dice_groups(png, groups, "Cross-validation: 3D Dice %.3f ± %.3f over folds [%s]"
+                               % (table["mean_over_folds"], table["sd_over_folds"], table["profile"]))
 
 
 def markdown(table):
@@ -158,7 +167,9 @@ def main(argv=None):
     atomic.write_json(os.path.join(a.runs, "cv.json"), table)
     text = markdown(table)
     atomic.write_text(os.path.join(a.runs, "cv.md"), text)
+    figure(table, os.path.join(a.runs, "cv_dice.png"))
     print(text)
+    print("table: %s; figure: %s" % (os.path.join(a.runs, "cv.md"), os.path.join(a.runs, "cv_dice.png")))
     return 1 if any(codes.values()) else 0
 
 

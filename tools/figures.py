@@ -6,6 +6,8 @@
                                              prediction, truth, each titled with its pixel count
   fig7(png, image, score15, upscore, prob, title)   Fig. 7: 15x15 tumor score -> upsampled -> probability
   dice_histogram(png, dice_2d, dice_3d, profile)    distribution of per-slice 2D Dice (and 3D per patient)
+  dice_groups(png, groups, title)            per-patient 3D Dice of several runs side by side (the folds
+                                             of `make cv`, the variants of `make ablation`), mean ± sd
 
 Inputs are network arrays: image 3 x H x W (mean-subtracted, data_prep.intensity.net_to_display
 turns it back to grey), probabilities and masks H x W.
@@ -136,4 +138,31 @@ def dice_histogram(png, dice_2d, dice_3d=(), profile=""):
     ax.set_title("2D Dice distribution: mean %.3f, median %.3f [%s]"
                  % (mean, np.median(d2) if d2.size else float("nan"), profile))
     ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, png)
+
+
+def dice_groups(png, groups, title="", xlabel=""):
+    """Per-patient 3D Dice of several runs side by side: groups = [(label, {patient: dice})], each a
+    column of points (patients) with its mean ± sd; the report's validation 3D Dice dashed."""
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.2 * len(groups) + 2), 4))
+    rng = np.random.RandomState(0)                       # fixed jitter: the same PNG for the same numbers
+    for i, (label, per) in enumerate(groups):
+        d = np.asarray(list(per.values()), dtype=float)
+        if not d.size:
+            continue
+        ax.plot(i + rng.uniform(-0.12, 0.12, d.size), d, "o", color="C0", alpha=0.55, ms=5,
+                label="patients" if i == 0 else None)
+        ax.errorbar(i + 0.25, d.mean(), yerr=d.std(ddof=1) if d.size > 1 else 0, fmt="s", color="C1", capsize=4,
+                    label="mean ± sd" if i == 0 else None)
+    ax.axhline(paper.REPORT_VAL_DICE_3D, color="C3", ls="--", lw=1,
+               label="report, validation (%.2f)" % paper.REPORT_VAL_DICE_3D)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([g[0] for g in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("3D Dice per patient")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="best", fontsize=8)
     return _save(fig, png)
