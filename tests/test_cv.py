@@ -39,6 +39,26 @@ def test_cv_table(tmp_path):
         assert f.read() == first                         # fixed jitter: same numbers, same picture
 
 
+def test_tumor_volume_from_crop_counts_and_geometry(tmp_path):
+    """Tumor ml = truth crop pixels x (box_side / 100 x pixel mm)^2 x slice mm; the figure plots them."""
+    data, runs = tmp_path / "data", str(tmp_path / "runs")
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"folds": [["P001"], ["P002"]], "patients": [
+        {"id": "P001", "box_side": 200.0, "spacing": [2.5, 0.5, 0.5]},
+        {"id": "P002", "box_side": 100.0, "spacing": [5.0, 0.8, 0.8]}]}))
+    for k, pid, truth, d in ((0, "P001", 4000, 0.8), (1, "P002", 1000, 0.3)):
+        _metrics(os.path.join(runs, "fold%d" % k), {pid: d})
+        path = os.path.join(runs, "fold%d" % k, "metrics.json")
+        m = json.load(open(path))
+        m["per_patient"][pid]["truth"] = truth
+        json.dump(m, open(path, "w"))
+    v = cv.tumor_volumes_ml(str(data), [0, 1, 2], runs)
+    assert v["P001"] == pytest.approx(4000 * (2 * 0.5) ** 2 * 2.5 / 1000)     # 10 ml
+    assert v["P002"] == pytest.approx(1000 * 0.8 ** 2 * 5.0 / 1000)           # 3.2 ml
+    png = cv.size_figure(cv.summarize([0, 1, 2], runs), v, os.path.join(runs, "size.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10000
+
+
 def test_cv_commands_one_gpu_per_fold():
     train, ev = cv.fold_commands(3, "/d", "/r/fold3", "paper", "/w.caffemodel", gpu="1")
     assert train[0] == sys.executable and train[1].endswith("tools/train.py")
@@ -51,7 +71,7 @@ def test_cv_passes_train_args_to_every_fold(tmp_path, monkeypatch):
     """make cv TRAIN_ARGS='...' -> --train-args: split like a shell line and appended to each fold's train.py."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "manifest.json").write_text(json.dumps({"folds": [["P001"], ["P002"]]}))
+    (data / "manifest.json").write_text(json.dumps({"folds": [["P001"], ["P002"]], "patients": []}))
     seen = {}
 
     def fake_run_folds(folds, data_dir, runs, profile, weights, gpus, force, extra=()):

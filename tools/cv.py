@@ -8,7 +8,7 @@ snapshots. Logs go to RUNS/fold<k>/cv.log.
 
 Output: RUNS/cv.json and RUNS/cv.md: 3D Dice (mean ± sd over the fold's patients) per fold, and
 mean ± sd over folds and over all patients; the profile is written into both. RUNS/cv_dice.png: each
-fold's per-patient 3D Dice side by side.
+fold's per-patient 3D Dice side by side; RUNS/cv_dice_vs_volume.png: 3D Dice against tumor volume.
 
 CLI: python3 tools/cv.py --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--weights W] [--runs runs/cv]
      [--train-args "--crop aligned ..."]
@@ -125,6 +125,37 @@ def figure(table, png):
                                % (table["mean_over_folds"], table["sd_over_folds"], table["profile"]))
 
 
+def tumor_volumes_ml(data_dir, folds, runs):
+    """{patient: tumor volume in ml} from each fold's metrics (truth pixels in the 100x100 crops) and the
+    manifest's geometry (a crop pixel is box_side / 100 source pixels on a side; slice spacing dz)."""
+    with open(os.path.join(data_dir, "manifest.json")) as f:
+        geometry = {p["id"]: p for p in json.load(f)["patients"]}
+    volumes = {}
+    for k in folds:
+        path = os.path.join(runs, "fold%d" % k, "metrics.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            per = json.load(f).get("per_patient", {})
+        for pid, s in per.items():
+            g = geometry.get(pid)
+            if g is None or "truth" not in s:
+                continue
+            dz, dy, dx = g["spacing"]
+            scale = g["box_side"] / float(paper.INPUT_SIZE)
+            volumes[pid] = s["truth"] * (scale * dy) * (scale * dx) * dz / 1000.0
+    return volumes
+
+
+def size_figure(table, volumes, png):
+    """3D Dice against tumor volume, one colour per fold (tools/figures.dice_vs_size)."""
+    from tools import figures
+    points = [(volumes[pid], d, "fold %d" % r["fold"]) for r in table["folds"] if not r.get("missing")
+              for pid, d in r["per_patient"].items() if pid in volumes]
+    return figures.dice_vs_size(png, points, "Cross-validation: 3D Dice against tumor volume [%s]"
+                                % table["profile"])
+
+
 def markdown(table):
     lines = ["# Cross-validation: 3D Dice per fold (profile %s)" % table["profile"], "",
              "| fold | patients | 3D Dice mean ± sd | iterations |", "|---|---|---|---|"]
@@ -168,8 +199,10 @@ def main(argv=None):
     text = markdown(table)
     atomic.write_text(os.path.join(a.runs, "cv.md"), text)
     figure(table, os.path.join(a.runs, "cv_dice.png"))
+    size_figure(table, tumor_volumes_ml(a.data, folds, a.runs), os.path.join(a.runs, "cv_dice_vs_volume.png"))
     print(text)
-    print("table: %s; figure: %s" % (os.path.join(a.runs, "cv.md"), os.path.join(a.runs, "cv_dice.png")))
+    print("table: %s; figures: %s, %s" % (os.path.join(a.runs, "cv.md"), os.path.join(a.runs, "cv_dice.png"),
+                                          os.path.join(a.runs, "cv_dice_vs_volume.png")))
     return 1 if any(codes.values()) else 0
 
 

@@ -166,3 +166,23 @@ def dice_groups(png, groups, title="", xlabel=""):
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="best", fontsize=8)
     return _save(fig, png)
+
+
+def dice_vs_size(png, points, title=""):
+    """points = [(tumor volume ml, 3D Dice, group label)]: a scatter on a log volume axis, one colour per group."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    labels = sorted({p[2] for p in points})
+    for i, label in enumerate(labels):
+        xy = np.array([(p[0], p[1]) for p in points if p[2] == label], dtype=float)
+        ax.plot(xy[:, 0], xy[:, 1], "o", color="C%d" % (i % 10), alpha=0.8, label=label)
+    ax.axhline(paper.REPORT_VAL_DICE_3D, color="C3", ls="--", lw=1,
+               label="report, validation (%.2f)" % paper.REPORT_VAL_DICE_3D)
+    if points:
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("tumor volume (ml)")
+    ax.set_ylabel("3D Dice per patient")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, png)
