@@ -79,7 +79,7 @@ cv: runtime ## [GPUS=0,1,... RUNS=runs/cv]: every fold, then the table of 3D Dic
 
 ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum), weights 0.5/0.5: one table
 	$(IN_RUNTIME) $(PYTHON) tools/ablation.py --raw $(or $(RAW),runs/demo/raw) --out $(or $(OUT),runs/ablation) \
-	  --profile $(or $(filter-out paper,$(PROFILE)),fast) $(gpu_flag)
+	  --profile $(or $(filter-out paper,$(PROFILE)),fast) $(gpu_flag) $(if $(TRAIN_ARGS),--train-args '$(TRAIN_ARGS)')
 
 segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=...) MODEL=... OUT=...: tumor mask
 	$(IN_RUNTIME) $(PYTHON) tools/segment.py --scan $(SCAN) $(if $(BOX),--box $(BOX)) \

@@ -1,12 +1,16 @@
-"""tools/cv.py and tools/ablation.py tables from run folders (the training itself is tests/test_train.py's)."""
+"""tools/cv.py and tools/ablation.py: their tables and figures from run folders, and both end to end in real
+Caffe on five small phantoms (narrow fc6/fc7, one or two iterations per run)."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
 import paper
 from tools import ablation, cv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _metrics(run, per, profile="fast"):
@@ -111,3 +115,60 @@ def test_ablation_variants_change_one_thing_each():
         changed[name] = diff | ({"box"} if box != paper.DEFAULT_BOX_MODE else set())
     assert changed == {"baseline": set(), "crop": {"crop"}, "box": {"box"}, "loss": {"loss_normalize"},
                        "weights": {"class_weights"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory):
+    """Five small phantom patients (256x256), as `make phantoms` writes them."""
+    from data_prep import phantoms
+    root = tmp_path_factory.mktemp("cohort")
+    phantoms.write_cohort(str(root / "raw"), n=5, seed=0, jobs=1, size=256, progress=False)
+    return root
+
+
+def _tool(name, *args, timeout=900):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", name)] + list(args), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:]
+    return r.stdout
+
+
+def test_cv_end_to_end_in_caffe(tiny_cohort):
+    """tools/cv.py for real: every fold trains (train.py) and is evaluated (caffe test), then the table;
+    a rerun finds every fold done. Narrow fc6/fc7 (--train-args) keep it to seconds per fold."""
+    from data_prep import make_data
+    data, runs = str(tiny_cohort / "data"), str(tiny_cohort / "cv")
+    make_data.run(str(tiny_cohort / "raw"), data, n_folds=5, seed=0, jobs=1)
+    _tool("cv.py", "--data", data, "--runs", runs, "--profile", "fast", "--max-iter", "2",
+          "--train-args", "--fc-channels 16 --quiet")
+    table = json.load(open(os.path.join(runs, "cv.json")))
+    assert [r["fold"] for r in table["folds"]] == [0, 1, 2, 3, 4] and table["patients"] == 5
+    for k in range(5):
+        m = json.load(open(os.path.join(runs, "fold%d" % k, "metrics.json")))
+        assert m["iterations"] == 2 and m["profile"] == "fast"
+        assert m["caffe_test"]["iterations"] == m["slices"]             # make eval's `caffe test` ran
+        assert json.load(open(os.path.join(runs, "fold%d" % k, "run.json")))["net"].get("fc_channels") == 16
+    assert table["mean_over_folds"] == pytest.approx(
+        sum(r["mean_dice_3d"] for r in table["folds"]) / 5)
+    for png in ("cv_dice.png", "cv_dice_vs_volume.png"):
+        assert os.path.getsize(os.path.join(runs, png)) > 10000
+    again = _tool("cv.py", "--data", data, "--runs", runs, "--profile", "fast", "--max-iter", "2")
+    assert again.count("done already") == 5
+
+
+def test_ablation_end_to_end_in_caffe(tiny_cohort):
+    """tools/ablation.py for real: its own data per box mode, one short run per variant, one table."""
+    out = str(tiny_cohort / "ablation")
+    _tool("ablation.py", "--raw", str(tiny_cohort / "raw"), "--out", out, "--fold", "4", "--jobs", "1",
+          "--max-iter", "1", "--train-args", "--fc-channels 16 --quiet")
+    result = json.load(open(os.path.join(out, "ablation.json")))
+    assert [r["variant"] for r in result["variants"]] == [v[0] for v in ablation.VARIANTS]
+    assert all(r["iterations"] == 1 and r["profile"] == "fast" for r in result["variants"])
+    nets = {v: json.load(open(os.path.join(out, v, "run.json")))["net"] for v, _, _, _ in ablation.VARIANTS}
+    assert nets["crop"]["crop_mode"] == "aligned" and nets["baseline"]["crop_mode"] == "center"
+    assert nets["loss"]["normalize"] is False and nets["weights"]["class_weights"] == [0.5, 0.5]
+    for box in ("patient", "slice"):
+        assert json.load(open(os.path.join(out, "data_" + box, "manifest.json")))["params"]["box"] == box
+    assert json.load(open(os.path.join(out, "box", "run.json")))["data"].endswith("data_slice")
+    assert os.path.getsize(os.path.join(out, "ablation_dice.png")) > 10000
+    assert "| weights | class weights 0.5/0.5 |" in open(os.path.join(out, "ablation.md")).read()

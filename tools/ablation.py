@@ -12,10 +12,12 @@ final validation scores (metrics.json) fill the table. Output: OUT/ablation.json
 OUT/ablation_dice.png (each variant's per-patient 3D Dice side by side).
 
 CLI: python3 tools/ablation.py --raw RAW --out OUT [--profile fast] [--fold 0] [--seed 0] [--gpu ID]
+     [--only VARIANT ...] [--train-args "..."]
 """
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -79,6 +81,8 @@ def main(argv=None):
     ap.add_argument("--gpu", type=int, help="GPU id (CUDA build of Caffe)")
     ap.add_argument("--only", nargs="*", choices=[v[0] for v in VARIANTS], help="run only these variants")
     ap.add_argument("--max-iter", type=int, help="override the profile's iterations (smoke runs)")
+    ap.add_argument("--train-args", default="", help="more tools/train.py options for every variant, one string, "
+                    "e.g. \"--weights weights/ts-fcn-init-fcn32s.caffemodel\"")
     a = ap.parse_args(argv)
     out = os.path.abspath(a.out)
     raw = os.path.abspath(a.raw)
@@ -92,7 +96,7 @@ def main(argv=None):
     rows = []
     for name, change, box, extra in chosen:
         run = os.path.join(out, name)
-        more = ["--max-iter", str(a.max_iter)] if a.max_iter else []
+        more = (["--max-iter", str(a.max_iter)] if a.max_iter else []) + shlex.split(a.train_args)
         seconds = train(datas[box], run, a.fold, a.profile, a.seed, extra + more, a.gpu)
         with open(os.path.join(run, "metrics.json")) as f:
             m = json.load(f)
