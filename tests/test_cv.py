@@ -56,10 +56,11 @@ def test_tumor_volume_from_crop_counts_and_geometry(tmp_path):
         m = json.load(open(path))
         m["per_patient"][pid]["truth"] = truth
         json.dump(m, open(path, "w"))
-    v = cv.tumor_volumes_ml(str(data), [0, 1, 2], runs)
+    table = cv.summarize([0, 1, 2], runs)
+    v = cv.tumor_volumes_ml(table, str(data))
     assert v["P001"] == pytest.approx(4000 * (2 * 0.5) ** 2 * 2.5 / 1000)     # 10 ml
     assert v["P002"] == pytest.approx(1000 * 0.8 ** 2 * 5.0 / 1000)           # 3.2 ml
-    png = cv.size_figure(cv.summarize([0, 1, 2], runs), v, os.path.join(runs, "size.png"))
+    png = cv.size_figure(table, v, os.path.join(runs, "size.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10000
 
 

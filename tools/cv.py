@@ -108,7 +108,8 @@ def summarize(folds, runs):
         all_patients.update(per)
         rows.append({"fold": k, "patients": len(per), "mean_dice_3d": m["mean_dice_3d"],
                      "sd_dice_3d": m["sd_dice_3d"], "iterations": m.get("iterations"),
-                     "profile": m.get("profile"), "per_patient": per})
+                     "profile": m.get("profile"), "per_patient": per,
+                     "truth_pixels": {pid: s["truth"] for pid, s in m.get("per_patient", {}).items() if "truth" in s}})
     done = [r for r in rows if not r.get("missing")]
     fm, fs = score.mean_sd(r["mean_dice_3d"] for r in done)
     pm, ps = score.mean_sd(all_patients.values())
@@ -125,25 +126,20 @@ def figure(table, png):
                                % (table["mean_over_folds"], table["sd_over_folds"], table["profile"]))
 
 
-def tumor_volumes_ml(data_dir, folds, runs):
-    """{patient: tumor volume in ml} from each fold's metrics (truth pixels in the 100x100 crops) and the
-    manifest's geometry (a crop pixel is box_side / 100 source pixels on a side; slice spacing dz)."""
+def tumor_volumes_ml(table, data_dir):
+    """{patient: tumor volume in ml} from the table's truth pixels (in the 100x100 crops) and the manifest's
+    geometry (a crop pixel is box_side / 100 source pixels on a side; slice spacing dz)."""
     with open(os.path.join(data_dir, "manifest.json")) as f:
         geometry = {p["id"]: p for p in json.load(f)["patients"]}
     volumes = {}
-    for k in folds:
-        path = os.path.join(runs, "fold%d" % k, "metrics.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            per = json.load(f).get("per_patient", {})
-        for pid, s in per.items():
+    for r in table["folds"]:
+        for pid, truth in r.get("truth_pixels", {}).items():
             g = geometry.get(pid)
-            if g is None or "truth" not in s:
+            if g is None:
                 continue
             dz, dy, dx = g["spacing"]
             scale = g["box_side"] / float(paper.INPUT_SIZE)
-            volumes[pid] = s["truth"] * (scale * dy) * (scale * dx) * dz / 1000.0
+            volumes[pid] = truth * (scale * dy) * (scale * dx) * dz / 1000.0
     return volumes
 
 
@@ -199,7 +195,7 @@ def main(argv=None):
     text = markdown(table)
     atomic.write_text(os.path.join(a.runs, "cv.md"), text)
     figure(table, os.path.join(a.runs, "cv_dice.png"))
-    size_figure(table, tumor_volumes_ml(a.data, folds, a.runs), os.path.join(a.runs, "cv_dice_vs_volume.png"))
+    size_figure(table, tumor_volumes_ml(table, a.data), os.path.join(a.runs, "cv_dice_vs_volume.png"))
     print(text)
     print("table: %s; figures: %s, %s" % (os.path.join(a.runs, "cv.md"), os.path.join(a.runs, "cv_dice.png"),
                                           os.path.join(a.runs, "cv_dice_vs_volume.png")))

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 import atomic  # noqa: E402
 import paper  # noqa: E402
+from tools import score  # noqa: E402
 
 DPI = 110
 
@@ -152,8 +153,8 @@ def dice_groups(png, groups, title="", xlabel=""):
             continue
         ax.plot(i + rng.uniform(-0.12, 0.12, d.size), d, "o", color="C0", alpha=0.55, ms=5,
                 label="patients" if i == 0 else None)
-        ax.errorbar(i + 0.25, d.mean(), yerr=d.std(ddof=1) if d.size > 1 else 0, fmt="s", color="C1", capsize=4,
-                    label="mean ± sd" if i == 0 else None)
+        mean, sd = score.mean_sd(d)
+        ax.errorbar(i + 0.25, mean, yerr=sd, fmt="s", color="C1", capsize=4, label="mean ± sd" if i == 0 else None)
     ax.axhline(paper.REPORT_VAL_DICE_3D, color="C3", ls="--", lw=1,
                label="report, validation (%.2f)" % paper.REPORT_VAL_DICE_3D)
     ax.set_xticks(range(len(groups)))
