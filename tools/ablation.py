@@ -17,13 +17,13 @@ CLI: python3 tools/ablation.py --raw RAW --out OUT [--profile fast] [--fold 0] [
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
 
 import atomic
 import paper
+from tools import train as train_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,9 +80,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--gpu", type=int, help="GPU id (CUDA build of Caffe)")
     ap.add_argument("--only", nargs="*", choices=[v[0] for v in VARIANTS], help="run only these variants")
-    ap.add_argument("--max-iter", type=int, help="override the profile's iterations (smoke runs)")
-    ap.add_argument("--train-args", default="", help="more tools/train.py options for every variant, one string, "
-                    "e.g. \"--weights weights/ts-fcn-init-fcn32s.caffemodel\"")
+    train_tool.add_passthrough_args(ap, "variant", "--weights weights/ts-fcn-init-fcn32s.caffemodel")
     a = ap.parse_args(argv)
     out = os.path.abspath(a.out)
     raw = os.path.abspath(a.raw)
@@ -96,8 +94,7 @@ def main(argv=None):
     rows = []
     for name, change, box, extra in chosen:
         run = os.path.join(out, name)
-        more = (["--max-iter", str(a.max_iter)] if a.max_iter else []) + shlex.split(a.train_args)
-        seconds = train(datas[box], run, a.fold, a.profile, a.seed, extra + more, a.gpu)
+        seconds = train(datas[box], run, a.fold, a.profile, a.seed, extra + train_tool.passthrough(a), a.gpu)
         with open(os.path.join(run, "metrics.json")) as f:
             m = json.load(f)
         rows.append({"variant": name, "change": change, "box": box, "options": extra,

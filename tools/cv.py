@@ -16,7 +16,6 @@ CLI: python3 tools/cv.py --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--w
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import time
 import atomic
 import paper
 from tools import score
+from tools import train as train_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,9 +177,7 @@ def main(argv=None):
     ap.add_argument("--weights", help="pretrained caffemodel for tools/train.py --weights")
     ap.add_argument("--runs", default="runs/cv", help="folder of the fold runs (default runs/cv)")
     ap.add_argument("--force", action="store_true", help="retrain folds that are done")
-    ap.add_argument("--max-iter", type=int, help="override the profile's iterations (smoke runs)")
-    ap.add_argument("--train-args", default="", help="more tools/train.py options for every fold, one string, "
-                    "e.g. \"--crop aligned --loss-sum\"")
+    train_tool.add_passthrough_args(ap, "fold", "--crop aligned --loss-sum")
     a = ap.parse_args(argv)
     with open(os.path.join(a.data, "manifest.json")) as f:
         n = len(json.load(f)["folds"])
@@ -189,7 +187,7 @@ def main(argv=None):
     gpus = [g.strip() for g in a.gpus.split(",") if g.strip()] if a.gpus else None
     folds = list(range(a.folds))
     codes = run_folds(folds, os.path.abspath(a.data), os.path.abspath(a.runs), a.profile, a.weights, gpus, a.force,
-                      extra=(["--max-iter", str(a.max_iter)] if a.max_iter else []) + shlex.split(a.train_args))
+                      extra=train_tool.passthrough(a))
     table = summarize(folds, a.runs)
     atomic.write_json(os.path.join(a.runs, "cv.json"), table)
     text = markdown(table)

@@ -28,6 +28,7 @@ import glob
 import io
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -311,6 +312,18 @@ def train(a):
         % (solver.iter, elapsed, summary["mean_dice_3d"], summary["sd_dice_3d"],
            os.path.join(run, "final.caffemodel")))
     return 0
+
+
+def add_passthrough_args(ap, each, example):
+    """--max-iter and --train-args for the tools that run train.py once per fold or variant (cv, ablation)."""
+    ap.add_argument("--max-iter", type=int, help="override the profile's iterations (smoke runs)")
+    ap.add_argument("--train-args", default="", help="more tools/train.py options for every %s, one string, "
+                    "e.g. \"%s\"" % (each, example))
+
+
+def passthrough(a):
+    """The train.py options that add_passthrough_args' values stand for."""
+    return (["--max-iter", str(a.max_iter)] if a.max_iter else []) + shlex.split(a.train_args)
 
 
 def parser():
