@@ -94,6 +94,14 @@ def test_interrupt_kill_and_resume_keep_iteration_and_lr(tmp_path):
         os.path.join(run, "snapshots", "ts_fcn_iter_11.caffemodel"))
 
 
+def _train_phantoms(data, run, fold, *extra, timeout=300):
+    """tools/train.py on the phantom_run data (fast profile, fc6/fc7 256 wide); fails the test on a non-zero exit."""
+    r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run, "--profile", "fast",
+                        "--fc-channels", "256", "--quiet"] + list(extra), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
 @pytest.fixture(scope="module")
 def phantom_run(tmp_path_factory):
     """Five small phantom patients (256x256) through make data, and a short fast-profile run on fold 3."""
@@ -103,12 +111,7 @@ def phantom_run(tmp_path_factory):
     phantoms.write_cohort(raw, n=5, seed=0, jobs=1, size=256, progress=False)
     make_data.run(raw, data, n_folds=5, seed=0, jobs=1)
     fold = 4   # validation patient P005: the largest tumor of the five
-    r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run,
-                        "--profile", "fast", "--base-lr", "1e-4", "--fc-channels", "256", "--max-iter", "48",
-                        "--validate-every", "24",
-                        "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:]
+    _train_phantoms(data, run, fold, "--base-lr", "1e-4", "--max-iter", "48", "--validate-every", "24", timeout=600)
     return data, run, fold
 
 
@@ -154,11 +157,7 @@ def test_weights_are_transplanted(phantom_run, tmp_path):
     data, run, fold = phantom_run
     src = os.path.join(run, "final.caffemodel")
     run2 = str(tmp_path / "run2")
-    r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run2, "--profile",
-                        "fast", "--fc-channels", "256", "--max-iter", "1", "--base-lr", "1e-12", "--weights", src,
-                        "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:]
+    _train_phantoms(data, run2, fold, "--max-iter", "1", "--base-lr", "1e-12", "--weights", src)
     m = json.load(open(os.path.join(run2, "metrics.json")))
     assert m["weights"].startswith("conv1_1,conv1_2,conv2_1,conv2_2,conv3_1,conv3_2 from final.caffemodel")
     a = caffe.Net(os.path.join(run, "deploy.prototxt"), caffe.TEST, weights=src)
@@ -174,11 +173,7 @@ def test_class_weights_option_reaches_the_caffe_loss(phantom_run, tmp_path):
     import weighted_loss
     data, run, fold = phantom_run
     run2 = str(tmp_path / "balanced")
-    r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run2, "--profile",
-                        "fast", "--fc-channels", "256", "--max-iter", "1", "--class-weights", "0.5", "0.5",
-                        "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:]
+    _train_phantoms(data, run2, fold, "--max-iter", "1", "--class-weights", "0.5", "0.5")
     info = json.load(open(os.path.join(run2, "run.json")))
     assert info["net"]["class_weights"] == [0.5, 0.5]
     assert "class_weights" not in json.load(open(os.path.join(run, "run.json")))["net"]   # default: not recorded
