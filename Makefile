@@ -53,10 +53,10 @@ demo: runtime ## phantoms -> data -> train (fast profile) -> eval -> figures, un
 phantoms: runtime ## OUT=dir N=20 SEED=0: the built-in phantom cohort (DICOM CT + RTSTRUCT/SEG, NIfTI)
 	$(IN_RUNTIME) $(PYTHON) -m data_prep.phantoms --out $(or $(OUT),phantoms) --n $(N) --seed $(SEED) --jobs $(JOBS)
 
-data: runtime ## RAW=dir DATA=dir [FOLDS SEED JOBS ROI SKIP_BAD=1 BOX=slice]: cohort -> crops -> HDF5 folds
+data: runtime ## RAW=dir DATA=dir [FOLDS SEED JOBS ROI SKIP_BAD=1 BOX=slice RESIZE=antialias]: cohort -> crops -> HDF5 folds
 	$(IN_RUNTIME) $(PYTHON) -m data_prep.make_data --raw $(RAW) --data $(DATA) --folds $(FOLDS) \
 	  --seed $(SEED) --jobs $(JOBS) $(if $(ROI),--roi '$(ROI)') $(if $(SKIP_BAD),--skip-bad) \
-	  $(if $(BOX),--box $(BOX)) $(if $(HU_WINDOW),--hu-window=$(HU_WINDOW))
+	  $(if $(BOX),--box $(BOX)) $(if $(HU_WINDOW),--hu-window=$(HU_WINDOW)) $(if $(RESIZE),--resize $(RESIZE))
 
 prototxt: runtime ## regenerate prototxt/{train,val,deploy}.prototxt from prototxt/net.py
 	$(IN_RUNTIME) $(PYTHON) prototxt/net.py

@@ -129,7 +129,18 @@ def test_short_training_learns(phantom_run):
     m = json.load(open(os.path.join(run, "metrics.json")))
     assert m["profile"] == "fast" and m["iterations"] == 48
     assert m["mean_dice_3d"] == pytest.approx(dice[-1], abs=1e-4)
-    assert os.path.exists(os.path.join(run, "figures", "fig5_val_dice.png"))
+    # Fig. 5 draws the validation patients' curves and their mean, and nothing else of the log
+    from tools import figures
+    it, curves, mean = figures.fig5_curves(os.path.join(run, "train_log.csv"))
+    assert it == [0, 24, 48] and mean == pytest.approx(dice)
+    assert sorted(curves) == sorted(m["per_patient"]) == ["P005"]
+    assert os.path.getsize(os.path.join(run, "figures", "fig5_val_dice.png")) > 10000
+    # calibration and the resolution ceiling, per patient and per validation point
+    s = m["per_patient"]["P005"]
+    assert s["pred_ratio"] == pytest.approx(s["predicted"] / s["truth"])
+    assert s["recall"] == pytest.approx(s["intersection"] / s["truth"])
+    assert 0.85 < s["ceiling_dice_3d"] <= 1 and m["ceiling_dice_3d"] == s["ceiling_dice_3d"]
+    assert float(rows[-1]["val_pred_ratio"]) == pytest.approx(s["pred_ratio"], abs=1e-4)
 
 
 def test_caffe_test_with_python_layers_matches_the_evaluator(phantom_run):

@@ -1,0 +1,50 @@
+"""Training profiles: the named sets of solver and training-net settings that `make train PROFILE=...` uses.
+
+  paper   SPEC §4 exactly: Adam 1e-6, lr x0.9 four times per epoch, 5 epochs, pretrained conv1-3, the
+          report's 0.96/0.04 class weights, dropout 0.5, batch 1. Every value comes from paper.py.
+  fast    the toolkit's own recipe for a CPU and no pretrained weights (from scratch, MSRA + LSUV). It may
+          change anything that leaves the deploy net identical (docs/results/recipe.md measures each choice).
+
+`settings(name)` gives a profile with every key filled in (DEFAULTS, the report's values, for what a profile
+leaves out). Keys:
+  base_lr, lr_policy ("step" or "poly"), gamma and stepsize or lr_steps_per_epoch (step), power (poly),
+  epochs or max_iter, pretrained, validations_per_epoch or validate_every, iter_size (images whose
+  gradients are summed per update, Caffe's iter_size), batch_size (training net), class_weights
+  (background, tumor), dropout (training-time ratio of drop6/drop7; 0 leaves them out of the training net,
+  the deploy net keeps the report's layers, which are no-ops at test time), momentum2, pretrained_lr_mult
+  (the lr multiplier of conv1_1..conv3_2: the report's 0.1 for transplanted weights).
+"""
+import paper
+
+DEFAULTS = {
+    "base_lr": paper.BASE_LR, "lr_policy": paper.LR_POLICY, "gamma": paper.LR_GAMMA, "stepsize": None,
+    "lr_steps_per_epoch": paper.LR_STEPS_PER_EPOCH, "power": None,
+    "epochs": paper.EPOCHS, "max_iter": None, "pretrained": True,
+    "validations_per_epoch": paper.VALIDATIONS_PER_EPOCH, "validate_every": None, "snapshot": None,
+    "iter_size": 1, "batch_size": paper.BATCH_SIZE, "class_weights": paper.CLASS_WEIGHTS,
+    "dropout": paper.DROPOUT_RATIO, "momentum2": paper.MOMENTUM2, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT,
+}
+
+PROFILES = {
+    "paper": {},
+    "fast": {
+        "base_lr": 1e-4, "epochs": None, "max_iter": 300, "pretrained": False,
+        "stepsize": 60, "gamma": 0.6, "validate_every": 60,
+    },
+}
+DEFAULT_PROFILE = "paper"
+LR_POLICIES = ("step", "poly")
+
+
+def settings(name):
+    """The named profile with every key of DEFAULTS (KeyError naming the choices for an unknown name)."""
+    try:
+        profile = PROFILES[name]
+    except KeyError:
+        raise KeyError("unknown profile %r (choose from %s)" % (name, ", ".join(sorted(PROFILES))))
+    unknown = set(profile) - set(DEFAULTS)
+    if unknown:
+        raise KeyError("profile %r has unknown keys %s" % (name, sorted(unknown)))
+    out = dict(DEFAULTS)
+    out.update(profile)
+    return out
