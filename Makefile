@@ -29,7 +29,7 @@ GPUS     ?=
 
 gpu_flag = $(if $(GPU),--gpu $(GPU))
 
-.PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation segment bench \
+.PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation recipe segment bench \
         docker docker-test caffe-cuda clean
 
 help: ## this list
@@ -44,8 +44,8 @@ runtime:
 exec: runtime ## run CMD='...' inside the runtime (PYTHONPATH has layers/), e.g. make exec CMD='caffe --version'
 	@$(IN_RUNTIME) bash -c '$(CMD)'
 
-test: runtime ## the test suite, in real Caffe
-	$(IN_RUNTIME) $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+test: runtime ## the test suite, in real Caffe (PYTEST_ARGS='tests/test_x.py -k y' picks tests)
+	$(IN_RUNTIME) $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 demo: runtime ## phantoms -> data -> train (fast profile) -> eval -> figures, under runs/demo/
 	$(IN_RUNTIME) bash tools/demo.sh
@@ -80,6 +80,10 @@ cv: runtime ## [GPUS=0,1,... RUNS=runs/cv]: every fold, then the table of 3D Dic
 ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum), weights 0.5/0.5: one table
 	$(IN_RUNTIME) $(PYTHON) tools/ablation.py --raw $(or $(RAW),runs/demo/raw) --out $(or $(OUT),runs/ablation) \
 	  --profile $(or $(filter-out paper,$(PROFILE)),fast) $(gpu_flag) $(if $(TRAIN_ARGS),--train-args '$(TRAIN_ARGS)')
+
+recipe: runtime ## [DATA=runs/demo/data OUT=runs/recipe FOLD=0 SEED=0 ONLY='a b']: the fast profile's study -> recipe.md
+	$(IN_RUNTIME) $(PYTHON) tools/recipe.py --data $(if $(filter command line,$(origin DATA)),$(DATA),runs/demo/data) \
+	  --out $(or $(OUT),runs/recipe) --fold $(FOLD) --seed $(SEED) $(if $(ONLY),--only $(ONLY))
 
 segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=...) MODEL=... OUT=...: tumor mask
 	$(IN_RUNTIME) $(PYTHON) tools/segment.py --scan $(SCAN) $(if $(BOX),--box $(BOX)) \

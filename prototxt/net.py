@@ -133,13 +133,14 @@ def _loss_layer(n, loss, class_weights, normalize, infogain_source):
 def ts_fcn(split, crop_mode=paper.DEFAULT_CROP_MODE, loss="python", class_weights=paper.CLASS_WEIGHTS,
            normalize=paper.LOSS_NORMALIZE, train_source="train.txt", val_source="val.txt",
            batch_size=paper.BATCH_SIZE, infogain_source=INFOGAIN_DEFAULT_SOURCE, fc_channels=None,
-           dropout=paper.DROPOUT_RATIO, pretrained_lr_mult=paper.PRETRAINED_LR_MULT):
+           dropout=paper.DROPOUT_RATIO, pretrained_lr_mult=paper.PRETRAINED_LR_MULT, tumor_threshold=None):
     """The TS-FCN NetParameter for split "train", "val" or "deploy".
 
     batch_size, dropout (the training-time ratio of drop6/drop7, 0: left out) and pretrained_lr_mult (the lr
     multiplier of conv1_1..conv3_2; the report's 0.1 suits transplanted weights, a net trained from scratch
     may learn them at full rate) shape the train net only (val takes batch 1); the val and deploy nets
-    always have the report's layers, so every training recipe gives the same deploy net.
+    always have the report's layers, so every training recipe gives the same deploy net. tumor_threshold:
+    the val net's DiceCounts calls tumor above this probability (tools/score.py; None: argmax).
 
     infogain_source: H = diag(class_weights) as a binaryproto (loss="infogain" only; a relative
     path is resolved by Caffe from its working directory; `write` writes it and uses its absolute
@@ -172,9 +173,11 @@ def ts_fcn(split, crop_mode=paper.DEFAULT_CROP_MODE, loss="python", class_weight
         # prob stays readable from pycaffe, but is no net output: `caffe test` would print every
         # one of its 20 000 values per iteration.
         n.silence_prob = L.Silence(n.prob, ntop=0)
+        dice_param = dict(module=DICE_MODULE, layer=DICE_LAYER)
+        if tumor_threshold is not None:
+            dice_param["param_str"] = json.dumps({"threshold": float(tumor_threshold)})
         tops = L.Python(n.score_crop, n.label, name="dice", ntop=len(DICE_TOPS),
-                        propagate_down=[False, False],
-                        python_param=dict(module=DICE_MODULE, layer=DICE_LAYER))
+                        propagate_down=[False, False], python_param=dice_param)
         for name, top in zip(DICE_TOPS, tops):
             setattr(n, name, top)
     proto = n.to_proto()

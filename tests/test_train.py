@@ -147,14 +147,20 @@ def test_caffe_test_with_python_layers_matches_the_evaluator(phantom_run):
     """`caffe test` on the val net (Python loss + DiceCounts) counts exactly what the pycaffe evaluator counts."""
     from tools import evaluate
     data, run, fold = phantom_run
-    m = evaluate.evaluate(data, fold, run, figures=True)
-    ct = m["caffe_test"]
-    n = ct["iterations"]
-    per = m["per_patient"]
-    for top, key in (("dice_intersection", "intersection"), ("dice_predicted", "predicted"), ("dice_truth", "truth")):
-        assert ct[top] * n == pytest.approx(sum(s[key] for s in per.values()), abs=0.5 + 1e-4 * ct[top] * n)
-    assert ct["pooled_dice"] == pytest.approx(m["pooled_dice"], abs=1e-3)
-    assert ct["loss"] > 0
+    predicted = {}
+    for decision in ("prior", "argmax"):      # both decision rules (tools/score.py), the run's last
+        m = evaluate.evaluate(data, fold, run, figures=decision == "argmax", decision=decision)
+        assert m["decision"] == decision
+        ct = m["caffe_test"]
+        n = ct["iterations"]
+        per = m["per_patient"]
+        for top, key in (("dice_intersection", "intersection"), ("dice_predicted", "predicted"),
+                         ("dice_truth", "truth")):
+            assert ct[top] * n == pytest.approx(sum(s[key] for s in per.values()), abs=0.5 + 1e-4 * ct[top] * n)
+        assert ct["pooled_dice"] == pytest.approx(m["pooled_dice"], abs=1e-3)
+        assert ct["loss"] > 0
+        predicted[decision] = sum(s["predicted"] for s in per.values())
+    assert predicted["prior"] < predicted["argmax"]     # p > 0.96 calls fewer pixels tumor than p > 0.5
     for name in ("fig_panels_best.png", "fig_panels_worst.png", "fig7_score_to_probability.png",
                  "dice_2d_hist.png"):
         assert os.path.getsize(os.path.join(run, "figures", name)) > 10000

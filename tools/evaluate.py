@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 
 import atomic  # noqa: E402
 import paper  # noqa: E402
+from prototxt.net import DICE_TOPS  # noqa: E402
 from tools import score  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DICE_TOPS = ("dice_intersection", "dice_predicted", "dice_truth")
 
 
 # --- device ---------------------------------------------------------------------------------------
@@ -321,6 +321,11 @@ def evaluate(data_dir, fold, run, snapshot=None, gpu=None, batch=8, figures=True
         netdef.write(val_proto, split="val", **net_kw)
     if not os.path.exists(deploy_proto):
         netdef.write(deploy_proto, split="deploy", **net_kw)
+    decision = decision or info.get("decision", score.DEFAULT_DECISION)
+    threshold = score.tumor_threshold(decision, info.get("class_weights", paper.CLASS_WEIGHTS))
+    if abs(net_kw.get("tumor_threshold", 0.5) - threshold) > 1e-9:     # another rule than the run's
+        val_proto = netdef.write(os.path.join(run, "val_%s.prototxt" % decision), split="val",
+                                 **dict(net_kw, tumor_threshold=threshold))
     patients = load_patients(data_dir, fold)
     n_images = sum(len(p[1]) for p in patients)
     result = {"profile": profile, "fold": fold, "snapshot": os.path.relpath(snapshot, run), "mode": mode}
@@ -331,8 +336,6 @@ def evaluate(data_dir, fold, run, snapshot=None, gpu=None, batch=8, figures=True
               % (", ".join("%s = %.4g" % kv for kv in sorted(means.items())), n_images, pooled, time.time() - t0))
         result["caffe_test"] = dict(means, pooled_dice=pooled, iterations=n_images)
     net = deploy_net(deploy_proto, snapshot, batch)
-    decision = decision or info.get("decision", score.DEFAULT_DECISION)
-    threshold = score.tumor_threshold(decision, info.get("class_weights", paper.CLASS_WEIGHTS))
     per, summary = validate(net, patients, threshold=threshold)
     add_ceilings(per, summary, patients, net_kw.get("crop_mode", paper.DEFAULT_CROP_MODE))
     summary.update(decision=decision, tumor_threshold=threshold)

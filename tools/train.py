@@ -178,6 +178,8 @@ def prepare(a):
             net_kw[key] = p[key]
     if a.fc_channels:
         net_kw["fc_channels"] = a.fc_channels
+    if a.decision != score.DEFAULT_DECISION:      # caffe test's DiceCounts counts under the run's rule
+        net_kw["tumor_threshold"] = score.tumor_threshold(a.decision, p["class_weights"])
     for split in ("train", "val", "deploy"):
         netdef.write(os.path.join(run, split + ".prototxt"), split=split, **net_kw)
     epoch = make_solver.epoch_size(data, a.fold, p["batch_size"] * p["iter_size"])
