@@ -8,7 +8,7 @@ It owns the run folder RUN (other tools read it):
   train_log.csv       iteration, lr, train_loss (mean since the previous row), val_mean_dice_3d,
                       then one column per validation patient (pseudonyms)
   figures/fig5_val_dice.png   redrawn after every validation
-  final.caffemodel    the last snapshot (copied atomically at the end)
+  final.caffemodel    the last snapshot, or with --average its averaged weights (copied atomically at the end)
   metrics.json        mean_dice_3d, sd_dice_3d, per_patient, profile, iterations, ...
 
 Caffe runs with cwd = DATA/fold<k> (the HDF5 lists hold paths relative to it). Weights: with a
@@ -23,6 +23,7 @@ CLI: python3 tools/train.py --fold K --data DATA --run RUN [--profile paper|fast
      [--gpu ID] [--crop center|aligned] [--loss-normalize|--loss-sum] [--class-weights BG TUMOR] [--seed S]
 """
 import argparse
+import contextlib
 import glob
 import os
 import re
@@ -68,12 +69,24 @@ def latest_solverstate(run):
     return max(states, key=snapshot_iteration) if states else None
 
 
-def take_snapshot(solver, run):
-    """solver.snapshot() unless this iteration's files exist; returns the caffemodel path."""
+def average_path(run, iteration):
+    """The averaged weights (tools/averaging.py) saved beside the snapshot of `iteration`."""
+    return "%s_iter_%d.average.caffemodel" % (snapshot_prefix(run), iteration)
+
+
+def take_snapshot(solver, run, average=None):
+    """solver.snapshot() unless this iteration's files exist (and the averaged weights beside it); returns the
+    caffemodel path of the weights the run stands for (the average when there is one)."""
     model = "%s_iter_%d.caffemodel" % (snapshot_prefix(run), solver.iter)
     if not (os.path.exists(model) and os.path.exists(model[:-len(".caffemodel")] + ".solverstate")):
         solver.snapshot()
-    return model
+    if average is None:
+        return model
+    path = average_path(run, solver.iter)
+    if not os.path.exists(path):
+        with atomic.atomic_path(path) as tmp:
+            average.save(tmp)
+    return path
 
 
 # --- weights --------------------------------------------------------------------------------------
@@ -143,7 +156,7 @@ class Stop:
 PROFILE_OPTIONS = (("base_lr", "base_lr"), ("lr_policy", "lr_policy"), ("power", "power"),
                    ("iter_size", "iter_size"), ("batch_size", "batch_size"), ("dropout", "dropout"),
                    ("class_weights", "class_weights"), ("momentum2", "momentum2"),
-                   ("pretrained_lr_mult", "pretrained_lr_mult"))
+                   ("pretrained_lr_mult", "pretrained_lr_mult"), ("average", "average"))
 # Net options recorded in run.json only when they differ from the report (old run.json stay valid).
 NET_DEFAULTS = {"class_weights": list(paper.CLASS_WEIGHTS), "dropout": paper.DROPOUT_RATIO,
                 "batch_size": paper.BATCH_SIZE, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT}
@@ -200,7 +213,7 @@ def prepare(a):
             "max_iter": int(s.max_iter), "stepsize": int(s.stepsize), "snapshot": int(s.snapshot),
             "validate_every": int(validate_every), "base_lr": s.base_lr, "seed": a.seed,
             "lr_policy": s.lr_policy, "iter_size": int(p["iter_size"]), "decision": a.decision,
-            "class_weights": p["class_weights"],
+            "class_weights": p["class_weights"], "average": p["average"],
             "command": " ".join(shlex.quote(x) for x in ["tools/train.py"] + list(getattr(a, "argv", None) or []))}
     old = evaluate.run_info(run)
     if old and old.get("net") != net_kw and latest_solverstate(run) and not a.restart:
@@ -246,6 +259,13 @@ def train(a):
         finally:
             os.chdir(cwd)
     start = solver.iter
+    average = None
+    if info.get("average"):
+        from tools import averaging
+        average = averaging.WeightAverage(solver.net, info["average"], updates=solver.iter)
+        if state and os.path.exists(average_path(run, solver.iter)):
+            average.load(average_path(run, solver.iter))
+        init += "; weights averaged (EMA %g)" % info["average"]
     t_start = time.time()
     tlog = TrainLog(os.path.join(run, "train_log.csv"), ids, resume_iter=start if state else None)
     threshold = score.tumor_threshold(info["decision"], info["class_weights"])
@@ -263,8 +283,9 @@ def train(a):
            info["validate_every"], len(ids), n_val, ceilings["ceiling_dice_3d"], run))
 
     def validate(loss):
-        per, summary = evaluate.validate(val_net, patients, loss=(info["class_weights"], a.loss_normalize),
-                                         threshold=threshold, alt_threshold=alt_threshold)
+        with average.swapped_in() if average else contextlib.nullcontext():
+            per, summary = evaluate.validate(val_net, patients, loss=(info["class_weights"], a.loss_normalize),
+                                             threshold=threshold, alt_threshold=alt_threshold)
         tlog.add(iteration=solver.iter, lr="%.6g" % make_solver.learning_rate(sp, solver.iter),
                  train_loss="" if loss is None else "%.6g" % loss,
                  val_mean_dice_3d="%.4f" % summary["mean_dice_3d"], val_loss="%.6g" % summary["val_loss"],
@@ -297,6 +318,10 @@ def train(a):
                     break
                 solver.step(1)
                 losses.append(float(solver.net.blobs["loss"].data))
+                if average:
+                    average.update()
+                    if solver.iter % sp.snapshot == 0:     # beside the solver's own periodic snapshot
+                        take_snapshot(solver, run, average)
                 bar.update(1)
                 bar.set_postfix(loss="%.4g" % np.mean(losses[-20:]),
                                 dice="%.3f" % last[1]["mean_dice_3d"] if last else "-")
@@ -304,7 +329,7 @@ def train(a):
                     last = validate(float(np.mean(losses)) if losses else None)
                     losses = []
                     bar.set_postfix(loss=tlog.rows[-1]["train_loss"], dice="%.3f" % last[1]["mean_dice_3d"])
-            model = take_snapshot(solver, run)
+            model = take_snapshot(solver, run, average)
     finally:
         os.chdir(cwd)
     elapsed = time.time() - t0
@@ -318,7 +343,10 @@ def train(a):
         return 130
     with atomic.atomic_path(os.path.join(run, "final.caffemodel")) as tmp:
         shutil.copyfile(model, tmp)
-    per, summary = last if last else evaluate.validate(val_net, patients, threshold=threshold)  # (resumed, done)
+    if last is None:                               # resumed a finished run
+        with average.swapped_in() if average else contextlib.nullcontext():
+            last = evaluate.validate(val_net, patients, threshold=threshold)
+    per, summary = last
     evaluate.add_ceilings(per, summary, patients, a.crop)
     metrics = dict(summary)
     metrics.update({"per_patient": {pid: {k: v for k, v in s.items() if k != "dice_2d"} for pid, s in per.items()},
@@ -377,6 +405,8 @@ def parser():
     ap.add_argument("--momentum2", type=float, help="Adam beta2 (default the report's %g)" % paper.MOMENTUM2)
     ap.add_argument("--pretrained-lr-mult", type=float, help="lr multiplier of conv1_1..conv3_2 in training "
                     "(default the profile's; the report's %g suits transplanted weights)" % paper.PRETRAINED_LR_MULT)
+    ap.add_argument("--average", type=float, metavar="DECAY", help="validate and keep an exponential moving "
+                    "average of the weights (tools/averaging.py), e.g. 0.98; default the profile's (none)")
     ap.add_argument("--decision", choices=score.DECISIONS, default=score.DEFAULT_DECISION,
                     help="how a pixel is called tumor: argmax (the report, default) or prior (tumor probability "
                     "above w_tumor / (w_tumor + w_background), undoing the class weights' prior shift)")
