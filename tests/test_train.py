@@ -207,3 +207,29 @@ def test_class_weights_option_reaches_the_caffe_loss(phantom_run, tmp_path):
     report = weighted_loss.weighted_loss(scores, labels, paper.CLASS_WEIGHTS)[0]
     assert float(net.blobs["loss"].data) == pytest.approx(balanced, rel=1e-4)
     assert abs(balanced - report) > 1e-3 * balanced
+
+
+def test_weight_average_is_kept_resumed_and_becomes_the_model(tmp_path):
+    """--average: the EMA of the weights is saved beside each snapshot, carried across an interruption, and
+    final.caffemodel is it: avg_4 = d avg_3 + (1 - d) raw_4, d = min(decay, 5 / 14) after the 4th update."""
+    import caffe
+    data = tiny_data.make(str(tmp_path / "data"), patients=5, slices=1, size=paper.INPUT_SIZE)
+    run = str(tmp_path / "run")
+    cmd = _train_cmd(data, run, "--profile", "fast", "--max-iter", "4", "--validate-every", "2",
+                     "--snapshot-every", "2", "--average", "0.5", "--base-lr", "1e-3")
+    r = subprocess.run(cmd + ["--stop-after", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, timeout=300)
+    assert r.returncode == 130, r.stdout[-3000:]
+    snaps = os.path.join(run, "snapshots")
+    assert os.path.exists(os.path.join(snaps, "ts_fcn_iter_3.average.caffemodel"))
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "weights averaged (EMA 0.5)" in r.stdout
+    deploy = os.path.join(run, "deploy.prototxt")
+    load = lambda name: caffe.Net(deploy, caffe.TEST, weights=os.path.join(run, name)).params["fc6"][0].data.copy()
+    final, raw4 = load("final.caffemodel"), load("snapshots/ts_fcn_iter_4.caffemodel")
+    avg3 = load("snapshots/ts_fcn_iter_3.average.caffemodel")
+    d = min(0.5, 5.0 / 14.0)
+    assert np.abs(final - (d * avg3 + (1 - d) * raw4)).max() < 1e-6
+    assert np.abs(final - raw4).max() > 1e-5
+    assert json.load(open(os.path.join(run, "run.json")))["average"] == 0.5
