@@ -86,12 +86,12 @@ def test_caffe_train_runs_the_written_solver(tmp_path):
 
 
 def test_fast_profile_schedule():
-    p = profiles.PROFILES["fast"]
+    p = profiles.settings("fast")
     max_iter, stepsize, snapshot, validate_every = make_solver.schedule(1408, "fast")
-    assert max_iter == p["max_iter"] and snapshot == max_iter
-    assert validate_every == p["validate_every"] and stepsize == p["stepsize"]
+    assert max_iter == p["max_iter"] and snapshot == max_iter and validate_every == p["validate_every"]
     fast = make_solver.solver_parameter("train.prototxt", 1408, "snap", "fast")
-    assert fast.stepsize == p["stepsize"] and fast.gamma == pytest.approx(p["gamma"])
+    assert fast.lr_policy == p["lr_policy"] == "poly" and fast.power == p["power"]
+    assert make_solver.learning_rate(fast, max_iter) == 0          # decayed to nothing at the end
     paper_sp = make_solver.solver_parameter("train.prototxt", 1408, "snap", "paper")
     assert paper_sp.stepsize == math.ceil(1408 / 4) and paper_sp.gamma == pytest.approx(paper.LR_GAMMA)
     assert make_solver.schedule(1408, "paper") == (5 * 1408, 352, 1408, 141)

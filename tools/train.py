@@ -156,7 +156,7 @@ class Stop:
 PROFILE_OPTIONS = (("base_lr", "base_lr"), ("lr_policy", "lr_policy"), ("power", "power"),
                    ("iter_size", "iter_size"), ("batch_size", "batch_size"), ("dropout", "dropout"),
                    ("class_weights", "class_weights"), ("momentum2", "momentum2"),
-                   ("pretrained_lr_mult", "pretrained_lr_mult"), ("average", "average"))
+                   ("pretrained_lr_mult", "pretrained_lr_mult"), ("average", "average"), ("decision", "decision"))
 # Net options recorded in run.json only when they differ from the report (old run.json stay valid).
 NET_DEFAULTS = {"class_weights": list(paper.CLASS_WEIGHTS), "dropout": paper.DROPOUT_RATIO,
                 "batch_size": paper.BATCH_SIZE, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT}
@@ -191,8 +191,8 @@ def prepare(a):
             net_kw[key] = p[key]
     if a.fc_channels:
         net_kw["fc_channels"] = a.fc_channels
-    if a.decision != score.DEFAULT_DECISION:      # caffe test's DiceCounts counts under the run's rule
-        net_kw["tumor_threshold"] = score.tumor_threshold(a.decision, p["class_weights"])
+    if p["decision"] != score.DEFAULT_DECISION:      # caffe test's DiceCounts counts under the run's rule
+        net_kw["tumor_threshold"] = score.tumor_threshold(p["decision"], p["class_weights"])
     for split in ("train", "val", "deploy"):
         netdef.write(os.path.join(run, split + ".prototxt"), split=split, **net_kw)
     epoch = make_solver.epoch_size(data, a.fold, p["batch_size"] * p["iter_size"])
@@ -212,7 +212,7 @@ def prepare(a):
     info = {"profile": a.profile, "fold": a.fold, "data": data, "net": net_kw, "epoch": epoch,
             "max_iter": int(s.max_iter), "stepsize": int(s.stepsize), "snapshot": int(s.snapshot),
             "validate_every": int(validate_every), "base_lr": s.base_lr, "seed": a.seed,
-            "lr_policy": s.lr_policy, "iter_size": int(p["iter_size"]), "decision": a.decision,
+            "lr_policy": s.lr_policy, "iter_size": int(p["iter_size"]), "decision": p["decision"],
             "class_weights": p["class_weights"], "average": p["average"],
             "command": " ".join(shlex.quote(x) for x in ["tools/train.py"] + list(getattr(a, "argv", None) or []))}
     old = evaluate.run_info(run)
@@ -407,9 +407,10 @@ def parser():
                     "(default the profile's; the report's %g suits transplanted weights)" % paper.PRETRAINED_LR_MULT)
     ap.add_argument("--average", type=float, metavar="DECAY", help="validate and keep an exponential moving "
                     "average of the weights (tools/averaging.py), e.g. 0.98; default the profile's (none)")
-    ap.add_argument("--decision", choices=score.DECISIONS, default=score.DEFAULT_DECISION,
-                    help="how a pixel is called tumor: argmax (the report, default) or prior (tumor probability "
-                    "above w_tumor / (w_tumor + w_background), undoing the class weights' prior shift)")
+    ap.add_argument("--decision", choices=score.DECISIONS,
+                    help="how a pixel is called tumor: argmax (the report's) or prior (tumor probability above "
+                    "w_tumor / (w_tumor + w_background), undoing the class weights' prior shift); default the "
+                    "profile's")
     ap.add_argument("--seed", type=int, default=paper.SEED, help="Caffe random seed")
     ap.add_argument("--max-iter", type=int, help="override the profile's number of iterations")
     ap.add_argument("--base-lr", type=float, help="override the profile's base learning rate")
