@@ -22,13 +22,16 @@ class WeightAverage:
         self.net, self.decay, self.updates = net, float(decay), int(updates)
         self.blobs = [blob for blobs in net.params.values() for blob in blobs]
         self.average = [np.array(b.data, dtype=np.float32) for b in self.blobs]
+        self._scratch = np.empty(max([b.data.size for b in self.blobs] or [0]), dtype=np.float32)
 
     def update(self):
         self.updates += 1
         d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
         for avg, blob in zip(self.average, self.blobs):
+            part = self._scratch[:avg.size].reshape(avg.shape)    # no 200 MB temporary per fc6 update
+            np.multiply(blob.data, 1.0 - d, out=part)
             avg *= d
-            avg += (1.0 - d) * blob.data
+            avg += part
 
     @contextlib.contextmanager
     def swapped_in(self):

@@ -280,7 +280,7 @@ def make_figures(run, net, patients, per, profile, threshold=0.5, ceiling=None):
         path = os.path.join(out, "fig_panels_%s.png" % role)
         figures.panels(path, data[i], prob, pred, label[i],
                        "%s patient %s, slice %d: 2D Dice %.3f (patient 3D Dice %.3f) [%s]"
-                       % (role, pid, int(slices[i]), d2, per[pid]["dice_3d"], profile))
+                       % (role, pid, int(slices[i]), d2, per[pid]["dice_3d"], profile), threshold)
         written.append(path)
         if role == "best":
             path = os.path.join(out, "fig7_score_to_probability.png")

@@ -79,8 +79,8 @@ def fig5(png, csv_path, epoch=None, profile="", ceiling=None):
     return _save(fig, png)
 
 
-def panels(png, image_chw, prob, pred, truth, title):
-    """Figs. 6/8/9: 2 x 2 panels (input, tumor probability, thresholded prediction, truth)."""
+def panels(png, image_chw, prob, pred, truth, title, threshold=0.5):
+    """Figs. 6/8/9: 2 x 2 panels (input, tumor probability, prediction = probability > threshold, truth)."""
     pred = np.asarray(pred) != 0
     truth = np.asarray(truth) != 0
     fig, axes = plt.subplots(2, 2, figsize=(7, 7.4))
@@ -89,7 +89,7 @@ def panels(png, image_chw, prob, pred, truth, title):
     axes[0, 0].contour(truth, levels=[0.5], colors="lime", linewidths=0.8)
     axes[0, 0].set_title("input (truth outline)")
     im = axes[0, 1].imshow(prob, cmap="magma", vmin=0, vmax=1)
-    axes[0, 1].set_title("tumor probability (> %.1f: %d px)" % (0.5, int((np.asarray(prob) > 0.5).sum())))
+    axes[0, 1].set_title("tumor probability (> %.2g: %d px)" % (threshold, int((np.asarray(prob) > threshold).sum())))
     fig.colorbar(im, ax=axes[0, 1], fraction=0.046, pad=0.04)
     axes[1, 0].imshow(pred, cmap="gray", vmin=0, vmax=1)
     axes[1, 0].set_title("prediction: %d px" % int(pred.sum()))

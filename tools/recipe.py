@@ -24,11 +24,16 @@ from tools import train_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (what it changes against the profile, train.py options)
+# name -> (what it changes against the fast profile, train.py options); each alone, on the same fold and seed
 EXPERIMENTS = (
     ("fast", "the fast profile as it is", []),
-    ("report-0.5dropout", "the report's training net: dropout 0.5, weights 0.04/0.96",
-     ["--dropout", "0.5", "--class-weights", "0.04", "0.96"]),
+    ("seed1", "the fast profile, Caffe seed 1 (run-to-run spread)", ["--seed", "1"]),
+    ("no-average", "the raw weights instead of their moving average", ["--average", "0"]),
+    ("balanced", "class weights 0.5/0.5 (argmax and prior are then the same rule)", ["--class-weights", "0.5", "0.5"]),
+    ("step", "the earlier schedule: lr x0.6 every 60 iterations", ["--lr-policy", "step", "--stepsize", "60",
+                                                                  "--gamma", "0.6"]),
+    ("report-net", "the report's training net: dropout 0.5, conv1-3 at lr x0.1",
+     ["--dropout", "0.5", "--pretrained-lr-mult", "0.1"]),
 )
 
 

@@ -153,7 +153,8 @@ class Stop:
 
 
 # Training options a profile sets and the command line may override: (option, profile key).
-PROFILE_OPTIONS = (("base_lr", "base_lr"), ("lr_policy", "lr_policy"), ("power", "power"),
+PROFILE_OPTIONS = (("base_lr", "base_lr"), ("lr_policy", "lr_policy"), ("power", "power"), ("gamma", "gamma"),
+                   ("stepsize", "stepsize"),
                    ("iter_size", "iter_size"), ("batch_size", "batch_size"), ("dropout", "dropout"),
                    ("class_weights", "class_weights"), ("momentum2", "momentum2"),
                    ("pretrained_lr_mult", "pretrained_lr_mult"), ("average", "average"), ("decision", "decision"))
@@ -402,6 +403,8 @@ def parser():
     ap.add_argument("--lr-policy", choices=profiles.LR_POLICIES, help="step (x gamma every stepsize) or poly "
                     "((1 - it/max_iter)^power); default the profile's")
     ap.add_argument("--power", type=float, help="poly exponent")
+    ap.add_argument("--gamma", type=float, help="step: lr factor at each step")
+    ap.add_argument("--stepsize", type=int, help="step: iterations between lr steps")
     ap.add_argument("--momentum2", type=float, help="Adam beta2 (default the report's %g)" % paper.MOMENTUM2)
     ap.add_argument("--pretrained-lr-mult", type=float, help="lr multiplier of conv1_1..conv3_2 in training "
                     "(default the profile's; the report's %g suits transplanted weights)" % paper.PRETRAINED_LR_MULT)
