@@ -191,11 +191,16 @@ def dice_vs_size(png, points, title="", ceilings=()):
 
 
 def curves(png, series, title="", ceiling=None):
-    """series = [(label, iterations, mean 3D Dice)]: validation curves of several runs on one axis, the
-    resolution ceiling dotted and the report's validation Dice dashed."""
+    """series = [(label, iterations, mean 3D Dice, mean 3D Dice under the other decision rule or None)]:
+    validation curves of several runs on one axis (the other rule dashed), the resolution ceiling dotted
+    and the report's validation Dice dashed red."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, (label, it, dice) in enumerate(series):
-        ax.plot(it, dice, "o-", ms=3, lw=1.2, color="C%d" % (i % 10), ls="-" if i < 10 else "--", label=label)
+    for i, (label, it, dice, other) in enumerate(series):
+        color = "C%d" % (i % 10)
+        ax.plot(it, dice, "o-", ms=3, lw=1.4, color=color, label=label)
+        if other is not None and not np.all(np.isnan(other)):
+            ax.plot(it, other, "--", lw=0.9, color=color, alpha=0.8)
+    ax.plot([], [], "k--", lw=0.9, label="(dashed: the other decision rule)")
     ax.axhline(paper.REPORT_VAL_DICE_3D, color="C3", ls="--", lw=1, label="report (%.2f)" % paper.REPORT_VAL_DICE_3D)
     if ceiling is not None:
         ax.axhline(ceiling, color="0.3", ls=":", lw=1.5, label="resolution ceiling (%.3f)" % ceiling)

@@ -6,7 +6,8 @@ OUT/<name>; a finished run is reused and an interrupted one resumes (train.py). 
 folder under OUT (also runs made by hand with train.py) and writes
   OUT/recipe.md          one row per run: its command, the final and best mean 3D Dice under the run's rule and
                          the other, calibration at the end, iterations, wall seconds per iteration
-  OUT/recipe_curves.png  mean validation 3D Dice against iterations, one curve per run, the ceiling dotted
+  OUT/recipe_curves.png  mean validation 3D Dice against iterations, one curve per run (dashed: under the other
+                         decision rule), the ceiling dotted
 
 CLI: python3 tools/recipe.py --data DATA --out OUT [--fold 0] [--seed 0] [--only NAME ...] [--summarize-only]
 """
@@ -66,13 +67,15 @@ def summary_row(name, info, rows, metrics):
     dice = [r["val_mean_dice_3d"] for r in rows]
     alt = [r.get("val_mean_dice_3d_" + other, float("nan")) for r in rows]
     last = rows[-1]
+    nan = float("nan")                              # (logs of older versions lack the calibration columns)
     return {"name": name, "command": info.get("command", ""), "rule": rule, "iterations": int(last["iteration"]),
             "max_iter": info.get("max_iter"), "final": dice[-1], "best": max(dice),
             "best_at": int(rows[int(np.argmax(dice))]["iteration"]), "final_other": alt[-1], "other": other,
-            "precision": last["val_precision"], "recall": last["val_recall"], "pred_ratio": last["val_pred_ratio"],
+            "precision": last.get("val_precision", nan), "recall": last.get("val_recall", nan),
+            "pred_ratio": last.get("val_pred_ratio", nan),
             "ceiling": metrics.get("ceiling_dice_3d", float("nan")),
             "s_per_it": metrics.get("seconds_per_iteration", float("nan")),
-            "curve": ([r["iteration"] for r in rows], dice)}
+            "curve": ([r["iteration"] for r in rows], dice, alt)}
 
 
 def summarize(out):
@@ -99,7 +102,7 @@ def markdown(rows, title):
 
 def curves_figure(rows, png, title):
     from tools import figures
-    return figures.curves(png, [(r["name"], r["curve"][0], r["curve"][1]) for r in rows], title,
+    return figures.curves(png, [(r["name"],) + tuple(r["curve"]) for r in rows], title,
                           ceiling=next((r["ceiling"] for r in rows if not np.isnan(r["ceiling"])), None))
 
 
