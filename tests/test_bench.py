@@ -74,10 +74,6 @@ def test_fill_weights_is_deterministic_and_keeps_the_bilinear_filter(tmp_path):
     assert up.max() > 0.5  # the bilinear kernel, not zeros
 
 
-QUICK_KEYS = ("train_iter_s", "train_iter_infogain_s", "forward_s", "forward_b16_s", "sgemm_gflops",
-              "net_gflop_per_image", "data_s_per_patient", "segment_s")
-
-
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
@@ -141,7 +137,6 @@ def test_unknown_stage_is_an_error(tmp_path):
 
 def test_quick_data_and_segment_stages(tmp_path):
     """make data's per-stage split and the real `tools/segment.py` run on a small phantom."""
-    pytest.importorskip("data_prep.phantoms")
     out = str(tmp_path / "r.json")
     assert bench.main(["--quick", "--out", out, "--only", "data,segment"]) == 0
     r = json.load(open(out))

@@ -127,15 +127,31 @@ def test_bundle_layout():
     assert {"libcudart.so.13", "libcublas.so.13", "libcurand.so.10", "libcuda.so.1"} <= set(info["cuda_sonames_needed"])
 
 
-def test_gpu_proof_checks_run_on_cpu():
+def _gpu_proof():
     sys.path.insert(0, CUDA)
     try:
         import gpu_proof
     finally:
         sys.path.remove(CUDA)
+    return gpu_proof
+
+
+def _gpu_available():
+    from tools import evaluate
+    return evaluate.cuda_build() and os.path.exists("/dev/nvidia0")
+
+
+@pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA build of Caffe and a GPU (without one, both halves "
+                    "would run on the CPU and compare nothing)")
+def test_gpu_proof_cpu_vs_gpu():
     with tempfile.TemporaryDirectory() as tmp:
-        a = gpu_proof.check_cpu_vs_gpu(tmp, None, 5)
+        a = _gpu_proof().check_cpu_vs_gpu(tmp, 0, 5)
         assert a["passed"] and len(a["gpu"]) == 5 and all(v > 0 for v in a["cpu"])
+
+
+def test_gpu_proof_checks_run_on_cpu():
+    gpu_proof = _gpu_proof()
+    with tempfile.TemporaryDirectory() as tmp:
         b = gpu_proof.check_loss_layers(tmp, None, 2, fc_channels=64)
         assert b["passed"], b
         assert sorted(b["curves"]) == ["infogain", "python"]
