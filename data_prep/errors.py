@@ -17,8 +17,8 @@ REDACTED = "<patient>"
 MIN_SECRET = 3      # shorter strings ("CT", "1") would clobber ordinary words and numbers
 
 
-def redact(text, secrets, ignore_case=True):
-    """`text` with each of `secrets` replaced by REDACTED where it is not part of a longer word."""
+def redact(text, secrets, ignore_case=True, by=REDACTED):
+    """`text` with each of `secrets` replaced by `by` where it is not part of a longer word."""
     text = str(text)
     for secret in sorted({str(s).strip() for s in secrets if s is not None} - {""}, key=len, reverse=True):
         if len(secret) < MIN_SECRET:
@@ -28,7 +28,7 @@ def redact(text, secrets, ignore_case=True):
             pattern = r"(?<![0-9A-Za-z])" + pattern
         if secret[-1].isalnum():
             pattern += r"(?![0-9A-Za-z])"
-        text = re.sub(pattern, REDACTED, text, flags=re.IGNORECASE if ignore_case else 0)
+        text = re.sub(pattern, lambda m: by, text, flags=re.IGNORECASE if ignore_case else 0)
     return text
 
 
