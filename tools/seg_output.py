@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 import atomic
-from data_prep import readers
+from data_prep import dicom_series, readers
 
 SEG_ALGORITHM = "TS-FCN"
 SEG_SEGMENT_LABEL = "Tumor"
@@ -135,10 +135,13 @@ _TYPE2_DEFAULTS = {"PatientID": "", "PatientName": "", "PatientBirthDate": "", "
 
 
 def seg_sources(headers):
-    """Copies of the source headers with what highdicom reads and pixel-free headers may lack."""
+    """Copies of the source headers with what highdicom reads and pixel-free headers may lack, and
+    the SOP class the reader went by where SOPClassUID is blank (de-identified series)."""
     out = []
     for ds in headers:
         ds = copy.copy(ds)
+        if not str(ds.get("SOPClassUID", "") or "").strip():
+            ds.SOPClassUID = dicom_series.sop_class(ds) or dicom_series.CT_IMAGE
         for key, value in _TYPE2_DEFAULTS.items():
             if key not in ds:
                 setattr(ds, key, value)
