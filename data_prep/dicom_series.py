@@ -61,6 +61,7 @@ SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 DICOMDIR = "1.2.840.10008.1.3.10"
 PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 AXIAL_MAX_TILT_DEG = 30.0  # slice normal within 30 deg of the body axis: axial (gantry-tilted axial is fine)
 AXIAL_MIN_COS = float(np.cos(np.radians(AXIAL_MAX_TILT_DEG)))
@@ -174,7 +175,7 @@ class _Cut(Exception):
 def _element_header(fp, implicit):
     """(group, element, length) of the next element (item tags included); None at a clean end."""
     head = fp.read(8)
-    if not head:
+    if not head.strip(b"\0") and len(head) < 8:     # the end, or zero padding after the last element
         return None
     if len(head) < 8:
         raise _Cut
@@ -223,8 +224,10 @@ def _walk(fp, size, implicit, until=None):
 
 def file_ends_inside_an_element(path, ds, preamble):
     """True when a (little endian) file stops inside an element: a truncated file. Lengths only."""
-    if not getattr(ds, "is_little_endian", True):
-        return False
+    meta = getattr(ds, "file_meta", None)
+    if not getattr(ds, "is_little_endian", True) or (
+            meta is not None and _text(meta.get("TransferSyntaxUID")) == DEFLATED):
+        return False                  # big endian (retired) and deflated data sets are not walked
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as fp:
