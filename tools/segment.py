@@ -14,12 +14,14 @@ BOX is ``x0,y0,x1,y1`` in pixel coordinates of the slices as displayed (x = colu
 (equivalently, x0..x1 and y0..y1 are pixel *edges*). A box may touch the image edge (x1 = width) but
 not leave it. SLICES ``z0:z1`` is a half-open range of slice indices of the sorted series (index 0 =
 the first slice along the slice normal); default: all slices. ROI (a mask file, RTSTRUCT or DICOM-SEG)
-replaces both: its bounding box over its slices is used. One box serves the whole SLICES range, grown
+replaces both: its bounding box over its slices is used; --roi-regex picks its ROI/segment by name
+exactly as `make data`'s --roi does. One box serves the whole SLICES range, grown
 with the training rule (data_prep.crop.box_for_extent: square, 2x the largest extent, at least 100).
 Slices outside SLICES are left empty.
 
 Outputs in OUT: mask.nii.gz, prob.nii.gz, seg.dcm (DICOM scans), overlays/slice_NNN.png,
-summary.json. No patient-identifying text goes into logs or summary.json.
+summary.json. No patient-identifying text goes into logs or summary.json: a refusal is one line, with
+the readers' redaction (no DICOM names or IDs) and the scan's and ROI's paths written SCAN and ROI_FILE.
 """
 import argparse
 import contextlib
