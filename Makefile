@@ -25,8 +25,11 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 .DEFAULT_GOAL := help
 
-# 1. Command-line values, verbatim (simply expanded: their text is never expanded again).
-$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(eval override $(v) := $$(value $(v)))$(eval export $(v))))
+# 1. Command-line values, verbatim (simply expanded: their text is never expanded again). Their origin
+#    becomes "override": $(call from_cmdline,VAR) says whether VAR was given on the command line.
+CMDLINE_VARS := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+$(foreach v,$(CMDLINE_VARS),$(eval override $(v) := $$(value $(v)))$(eval export $(v)))
+from_cmdline = $(filter $(1),$(CMDLINE_VARS))
 
 # 2. Shell words: q = TEXT single-quoted; opt = '--name=VALUE' or nothing; arglist = each word quoted.
 q = '$(subst ','\'',$(1))'
@@ -55,7 +58,7 @@ GPU      ?=
 GPUS     ?=
 PY       = $(call q,$(PYTHON))
 
-.PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation segment bench \
+.PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation recipe segment bench \
         docker docker-test caffe-cuda clean
 
 help: ## this list
@@ -70,7 +73,7 @@ runtime:
 exec: runtime ## run CMD='...' inside the runtime (PYTHONPATH has layers/), e.g. make exec CMD='caffe --version'
 	@$(IN_RUNTIME) bash -c $(call q,$(CMD))
 
-test: runtime ## the test suite, in real Caffe
+test: runtime ## the test suite, in real Caffe (PYTEST_ARGS='tests/test_x.py -x' picks tests)
 	$(IN_RUNTIME) $(PY) -m pytest $(call arglist,PYTEST_ARGS)
 
 demo: runtime ## phantoms -> data -> train (fast profile) -> eval -> figures, under runs/demo/
@@ -80,10 +83,11 @@ phantoms: runtime ## OUT=dir N=20 SEED=0: the built-in phantom cohort (DICOM CT 
 	$(IN_RUNTIME) $(PY) -m data_prep.phantoms $(call q,--out=$(or $(OUT),phantoms)) $(call opt,--n,N) \
 	  $(call opt,--seed,SEED) $(call opt,--jobs,JOBS)
 
-data: runtime ## RAW=dir DATA=dir [FOLDS SEED JOBS ROI SKIP_BAD=1 BOX=slice]: cohort -> crops -> HDF5 folds
+data: runtime ## RAW=dir DATA=dir [FOLDS SEED JOBS ROI SKIP_BAD=1 BOX=slice RESIZE=antialias]: cohort -> crops -> HDF5 folds
 	$(IN_RUNTIME) $(PY) -m data_prep.make_data $(call opt,--raw,RAW) $(call opt,--data,DATA) \
 	  $(call opt,--folds,FOLDS) $(call opt,--seed,SEED) $(call opt,--jobs,JOBS) $(call opt,--roi,ROI) \
-	  $(if $(strip $(SKIP_BAD)),--skip-bad) $(call opt,--box,BOX) $(call opt,--hu-window,HU_WINDOW)
+	  $(if $(strip $(SKIP_BAD)),--skip-bad) $(call opt,--box,BOX) $(call opt,--hu-window,HU_WINDOW) \
+	  $(call opt,--resize,RESIZE)
 
 prototxt: runtime ## regenerate prototxt/{train,val,deploy}.prototxt from prototxt/net.py
 	$(IN_RUNTIME) $(PY) prototxt/net.py
@@ -108,6 +112,11 @@ ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mea
 	$(IN_RUNTIME) $(PY) tools/ablation.py $(call q,--raw=$(or $(RAW),runs/demo/raw)) \
 	  $(call q,--out=$(or $(OUT),runs/ablation)) $(call q,--profile=$(or $(filter-out paper,$(PROFILE)),fast)) \
 	  $(call opt,--gpu,GPU) $(call opt,--train-args,TRAIN_ARGS)
+
+recipe: runtime ## [DATA=runs/demo/data OUT=runs/recipe FOLD=0 SEED=0 ONLY='a b']: the fast profile's study -> recipe.md
+	$(IN_RUNTIME) $(PY) tools/recipe.py $(call q,--data=$(if $(call from_cmdline,DATA),$(DATA),runs/demo/data)) \
+	  $(call q,--out=$(or $(OUT),runs/recipe)) $(call opt,--fold,FOLD) $(call opt,--seed,SEED) \
+	  $(if $(strip $(ONLY)),--only $(call arglist,ONLY))
 
 segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=... [ROI=regex]) MODEL=... OUT=...: tumor mask
 	$(IN_RUNTIME) $(PY) tools/segment.py $(call opt,--scan,SCAN) $(call opt,--box,BOX) $(call opt,--slices,SLICES) \

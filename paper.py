@@ -1,8 +1,9 @@
 """The report's numbers: TS-FCN (Stanford CS231n 2016), as SPEC.md §2-§7 states them.
 
-Every module takes these values from here; tests/test_paper.py checks them against ../SPEC.md's
-tables. Where the report is ambiguous, the default is given here and the alternative is one option
-away (SPEC §7).
+Every module takes these values from here; tests/test_paper.py checks them against docs/SPEC.md's
+tables (a copy of the project's SPEC). Where the report is ambiguous, the default is given here and the
+alternative is one option away (SPEC §7). The training profiles built from these numbers, and the
+toolkit's own `fast` recipe, are in solver/profiles.py.
 """
 
 # --- §2 the network --------------------------------------------------------------------------------
@@ -31,6 +32,8 @@ FORWARD_GFLOP_APPROX = 38.0
 CLASS_WEIGHTS = (0.04, 0.96)     # (background, tumor)
 LOSS_NORMALIZE = True            # divide by the pixel count; False: plain sum (Fig. 2 as printed)
 
+DECISION_RULE = "argmax"         # a pixel is tumor where its tumor score is the larger (probability > 0.5)
+
 # --- §4 learning -----------------------------------------------------------------------------------
 SOLVER_TYPE = "Adam"
 BASE_LR = 1e-6
@@ -58,24 +61,5 @@ AUGMENTATIONS = 8                # 4 rotations x mirror
 N_FOLDS = 5                      # by patient; the remainder goes to the last fold
 SEED = 0
 ROI_REGEX = r"gtv|tumou?r|lesion|mass|nodule"   # case-insensitive
-
-# --- training profiles (SPEC §4 is "paper"; "fast" is for CPU demos and tests) ----------------------
-PROFILES = {
-    "paper": {
-        "base_lr": BASE_LR, "epochs": EPOCHS, "max_iter": None, "pretrained": True,
-        "lr_steps_per_epoch": LR_STEPS_PER_EPOCH, "validations_per_epoch": VALIDATIONS_PER_EPOCH,
-    },
-    # From scratch (MSRA + LSUV, tools/lsuv.py) on CPU within `make demo`'s 15 minutes (~2 s per iteration
-    # on 2 cores). Adam 1e-4, x0.6 every 60 iterations. Measured on the 20 demo phantoms, fold 0,
-    # validation mean 3D Dice at iterations 60..300: 0.40, 0.61, 0.51, 0.66, 0.49 (recall ~1, the
-    # 0.96/0.04 weights over-segment until the net is sure of the background; longer runs needed);
-    # over the five folds 0.62 +- 0.11 (README, "Results on the phantoms"). Tried on fold 0 and not
-    # kept: a poly lr decay over 400 iterations from 1e-4 or 3e-4 (0.48, 0.50 at the end).
-    "fast": {
-        "base_lr": 1e-4, "epochs": None, "max_iter": 300, "pretrained": False,
-        "stepsize": 60, "gamma": 0.6,
-        "lr_steps_per_epoch": LR_STEPS_PER_EPOCH, "validations_per_epoch": VALIDATIONS_PER_EPOCH,
-        "validate_every": 60,
-    },
-}
-DEFAULT_PROFILE = "paper"
+RESIZE_MODES = ("bilinear", "antialias")   # box -> 100x100: pixel-centre bilinear, or widened with the reduction
+DEFAULT_RESIZE = "bilinear"

@@ -21,6 +21,12 @@ on the slice padded with `fill`; linear interpolation is separable, so it is don
 over slices). Samples outside the slice see `fill` (air, -1000 HU, for images; 0 for labels).
 When side == size and the centre is a half-integer (even extent) the crop is an exact copy.
 
+Resize modes (SPEC §7, paper.RESIZE_MODES): "bilinear" (default) samples 2 x 2 neighbours per crop pixel
+whatever the reduction; "antialias" widens the triangle filter with the reduction, as PIL's bilinear resize
+(behind the report era's scipy.misc.imresize) does: along each axis, crop pixel j averages the slice with
+weights max(0, 1 - |x - y_j| / s), s = max(1, side / size), normalised to sum 1 (off-slice positions read
+`fill`). For side <= size (no reduction) both modes are the same linear interpolation.
+
 `uncrop` is the inverse map: original pixel r inside the box (row - side/2 <= r <= row + side/2) is
 at crop coordinate u = (r - row + side/2) * size / side - 0.5, sampled from the crop by linear
 interpolation (clamped to the crop's edge pixels in the half-pixel rims); pixels outside the box get 0.
@@ -144,12 +150,43 @@ def _lerp(a, b, t, axis, ndim):
     return (1.0 - t) * a + t * b
 
 
-def crop_slice(image2d, box: Box, fill=paper.AIR_HU, size=paper.INPUT_SIZE) -> np.ndarray:
+def _antialias_weights(n_in: int, start: float, side: float, size: int):
+    """Along one axis: (W (size x n_in) weights of the on-slice pixels, their sums (size,)); each crop pixel's
+    weights over all positions (on and off the slice) sum to 1."""
+    scale = max(1.0, side / float(size))
+    centres = start + (np.arange(size, dtype=np.float64) + 0.5) * (side / float(size))
+    lo = int(np.floor(centres.min() - scale)) - 1
+    hi = int(np.ceil(centres.max() + scale)) + 1
+    x = np.arange(lo, hi + 1, dtype=np.float64)
+    w = np.maximum(0.0, 1.0 - np.abs(x[None, :] - centres[:, None]) / scale)
+    w /= w.sum(axis=1, keepdims=True)
+    inside = (x >= 0) & (x < n_in)
+    full = np.zeros((size, n_in))
+    full[:, x[inside].astype(np.int64)] = w[:, inside]
+    return full, full.sum(axis=1)
+
+
+def _crop_antialias(img: np.ndarray, box: Box, fill: float, size: int) -> np.ndarray:
+    h, w = img.shape[-2:]
+    wr, ar = _antialias_weights(h, box.top, box.side, size)
+    wc, ac = _antialias_weights(w, box.left, box.side, size)
+    out = np.einsum("jr,...rc,kc->...jk", wr, img.astype(np.float64), wc, optimize=True)
+    out += fill * (1.0 - np.outer(ar, ac))
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def crop_slice(image2d, box: Box, fill=paper.AIR_HU, size=paper.INPUT_SIZE,
+               resize=paper.DEFAULT_RESIZE) -> np.ndarray:
     """Cut `box` out of a slice (or a stack (..., H, W) of slices), pad with `fill`, resize to
-    size x size by linear interpolation. Returns float32 (size, size) (or (..., size, size))."""
+    size x size (`resize`: "bilinear" or "antialias", see the module docstring). Returns float32 (size, size)
+    (or (..., size, size))."""
     img = np.asarray(image2d, dtype=np.float32)
     if img.ndim < 2:
         raise ValueError("crop_slice needs (H, W) or (..., H, W), got shape %s" % (img.shape,))
+    if resize not in paper.RESIZE_MODES:
+        raise ValueError("resize mode %r not in %s" % (resize, paper.RESIZE_MODES))
+    if resize == "antialias" and box.side > size:
+        return _crop_antialias(img, box, fill, size)
     h, w = img.shape[-2:]
     ra, rb, rt = _sample_axis(h, box.top, box.side, size)
     ca, cb, ct = _sample_axis(w, box.left, box.side, size)
@@ -166,10 +203,10 @@ def crop_slice(image2d, box: Box, fill=paper.AIR_HU, size=paper.INPUT_SIZE) -> n
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def crop_label(label2d, box: Box, size=paper.INPUT_SIZE) -> np.ndarray:
-    """The label cut like the image (fill 0, linear resize), then >= paper.LABEL_THRESHOLD: uint8."""
+def crop_label(label2d, box: Box, size=paper.INPUT_SIZE, resize=paper.DEFAULT_RESIZE) -> np.ndarray:
+    """The label cut like the image (fill 0, same resize), then >= paper.LABEL_THRESHOLD: uint8."""
     lab = (np.asarray(label2d) != 0).astype(np.float32)
-    return (crop_slice(lab, box, fill=0.0, size=size) >= paper.LABEL_THRESHOLD).astype(np.uint8)
+    return (crop_slice(lab, box, fill=0.0, size=size, resize=resize) >= paper.LABEL_THRESHOLD).astype(np.uint8)
 
 
 def _inverse_axis(n_out: int, start: float, side: float, size: int):
@@ -206,7 +243,8 @@ def uncrop(crop2d, box: Box, shape) -> np.ndarray:
     return out
 
 
-def crop_patient(hu_zyx, mask_zyx, boxes: Dict[int, Box], fill=paper.AIR_HU, size=paper.INPUT_SIZE):
+def crop_patient(hu_zyx, mask_zyx, boxes: Dict[int, Box], fill=paper.AIR_HU, size=paper.INPUT_SIZE,
+                 resize=paper.DEFAULT_RESIZE):
     """Crop every boxed slice of a patient: (images float32 (N, size, size) in HU, labels uint8
     (N, size, size), slices int32 (N,)) in slice order; slices sharing a box are cropped together."""
     zs = sorted(boxes)
@@ -219,6 +257,6 @@ def crop_patient(hu_zyx, mask_zyx, boxes: Dict[int, Box], fill=paper.AIR_HU, siz
     zs_arr = np.asarray(zs, dtype=np.int64)
     for box, idx in groups.items():
         sel = zs_arr[idx]
-        images[idx] = crop_slice(np.asarray(hu_zyx)[sel], box, fill=fill, size=size)
-        labels[idx] = crop_label(np.asarray(mask_zyx)[sel], box, size=size)
+        images[idx] = crop_slice(np.asarray(hu_zyx)[sel], box, fill=fill, size=size, resize=resize)
+        labels[idx] = crop_label(np.asarray(mask_zyx)[sel], box, size=size, resize=resize)
     return images, labels, zs_arr.astype(np.int32)

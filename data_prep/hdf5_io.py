@@ -6,11 +6,11 @@ HDF5Data reads them through the HDF5 lite API). Attributes carry provenance such
 that makes `make data` idempotent. Files are written atomically: a temporary name beside the target,
 then a rename (atomic.atomic_path), so an interrupted run never leaves a half-written file.
 
-Augmented training images go to a folder per patient, one file per source slice holding its
-paper.AUGMENTATIONS images (`write_augmented`). Caffe's HDF5Data reads one file at a time and shuffles
-the order of the files and of the rows within each file only: with one file per patient, batch-1
-training would see one patient's hundreds of images in a row, then the next patient's. One file per
-slice shuffles the training order across patients.
+Augmented training images go to a folder per patient, one file per image (`write_augmented`: z<slice>_a<k>.h5,
+k the augmentation). Caffe's HDF5Data reads one file at a time and shuffles the order of the files and of the
+rows within each file only: with one file per patient, batch-1 training would see one patient's hundreds of
+images in a row; with one file per slice, the 8 rotations and mirrors of one slice in a row (8 correlated
+updates, which made the validation Dice swing). One file per image makes the training order a uniform shuffle.
 """
 import os
 import re
@@ -64,28 +64,41 @@ def read_attrs(path) -> Dict:
         return {}
 
 
-SLICE_FILE = "z%04d.h5"
-SLICE_FILE_RE = re.compile(r"^z\d{4,}\.h5$")
+IMAGE_FILE = "z%04d_a%d.h5"
+# this layout's names, and the one-file-per-slice names of earlier versions (z0012.h5), removed as stale
+AUGMENTED_FILE_RE = re.compile(r"^z(\d{4,})(?:_a(\d+))?\.h5$")
 
 
 def augmented_files(folder) -> List[str]:
-    """The per-slice files of an augmented folder, sorted by slice (names only)."""
+    """The files of an augmented folder, sorted by slice, then augmentation (names only)."""
     if not os.path.isdir(folder):
         return []
-    return sorted(n for n in os.listdir(folder) if SLICE_FILE_RE.match(n))
+    keys = {}
+    for name in os.listdir(folder):
+        m = AUGMENTED_FILE_RE.match(name)
+        if m:
+            keys[name] = (int(m.group(1)), int(m.group(2) or -1))
+    return sorted(keys, key=keys.get)
+
+
+def augmented_names(slices, per_slice) -> List[str]:
+    """The file names write_augmented gives `per_slice` images of each of `slices`, in augmented_files' order."""
+    return [IMAGE_FILE % (int(z), k) for z in sorted(set(int(z) for z in slices)) for k in range(per_slice)]
 
 
 def write_augmented(folder, data, label, slices, attrs: Optional[Dict] = None) -> List[str]:
-    """Write augmented images to `folder`, one file per source slice (all rows of that slice);
-    files of slices not in `slices` (an earlier run) are removed. Returns the file names."""
+    """Write augmented images to `folder`, one file per image (z<slice>_a<k>.h5, k counting the images of
+    that slice in order); files not written now (an earlier run, an older layout) are removed. Returns the
+    file names."""
     slices = np.asarray(slices)
     os.makedirs(folder, exist_ok=True)
     names = []
     for z in np.unique(slices):
-        rows = np.flatnonzero(slices == z)
-        name = SLICE_FILE % int(z)
-        write_patient_h5(os.path.join(folder, name), data[rows], label[rows], slices[rows], attrs)
-        names.append(name)
+        for k, row in enumerate(np.flatnonzero(slices == z)):
+            name = IMAGE_FILE % (int(z), k)
+            write_patient_h5(os.path.join(folder, name), data[row:row + 1], label[row:row + 1],
+                             slices[row:row + 1], attrs)
+            names.append(name)
     for stale in set(augmented_files(folder)) - set(names):
         os.remove(os.path.join(folder, stale))
     return names

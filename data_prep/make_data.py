@@ -7,8 +7,8 @@ Owns the pipeline and the DATA layout:
     DATA/pseudonym_key.json   pseudonym -> input folder name (the ONLY place input names appear)
     DATA/.make_data.lock      the lock a run holds (flock; empty file, kept between runs)
     DATA/patients/P001.h5     un-augmented crops (validation)
-    DATA/patients/P001_aug/   8x augmented crops (training), one file z<slice>.h5 per source slice so
-                              that Caffe's HDF5Data shuffles across patients (data_prep/hdf5_io.py)
+    DATA/patients/P001_aug/   8x augmented crops (training), one file z<slice>_a<k>.h5 per image so
+                              that Caffe's HDF5Data shuffles them uniformly (data_prep/hdf5_io.py)
     DATA/fold<k>/train.txt    the augmented files of the other folds' patients, relative to DATA/fold<k>
     DATA/fold<k>/val.txt      the .h5 files of fold k's patients, relative to DATA/fold<k>
 
@@ -101,10 +101,13 @@ def data_lock(data_dir):
 
 
 # --- parameters ------------------------------------------------------------------------------------
-def make_params(roi=paper.ROI_REGEX, box=paper.DEFAULT_BOX_MODE, hu_window=paper.HU_WINDOW) -> Dict:
+def make_params(roi=paper.ROI_REGEX, box=paper.DEFAULT_BOX_MODE, hu_window=paper.HU_WINDOW,
+                resize=paper.DEFAULT_RESIZE) -> Dict:
     """The per-patient processing parameters (everything that changes a patient's HDF5 files)."""
     if box not in paper.BOX_MODES:
         raise ValueError("box mode %r not in %s" % (box, paper.BOX_MODES))
+    if resize not in paper.RESIZE_MODES:
+        raise ValueError("resize mode %r not in %s" % (resize, paper.RESIZE_MODES))
     re.compile(roi)
     return {
         "format_version": FORMAT_VERSION,
@@ -118,6 +121,7 @@ def make_params(roi=paper.ROI_REGEX, box=paper.DEFAULT_BOX_MODE, hu_window=paper
         "label_threshold": paper.LABEL_THRESHOLD,
         "bgr_mean": list(paper.FCN_BGR_MEAN),
         "augmentations": paper.AUGMENTATIONS,
+        "resize": resize,
     }
 
 
@@ -191,7 +195,7 @@ def _load(folder, pid, roi):
 def process_patient(folder: str, pseudonym: str, params: Dict, data_dir: str,
                     timings: Optional[Dict[str, float]] = None) -> Dict:
     """Read, crop, map and augment one patient and write DATA/patients/<pseudonym>.h5 and
-    DATA/patients/<pseudonym>_aug/ (one file per slice).
+    DATA/patients/<pseudonym>_aug/ (one file per augmented image).
 
     Returns its manifest entry. `timings`, if given, is filled with seconds per stage: read, boxes,
     crop, intensity, augment, write, write_aug, plus preprocess (boxes..augment) and total.
@@ -211,7 +215,7 @@ def process_patient(folder: str, pseudonym: str, params: Dict, data_dir: str,
                                min_side=params["box_min_side"])
     t2 = time.perf_counter()
     hu, labels, zs = crop.crop_patient(scan.hu, scan.mask, boxes, fill=params["air_hu"],
-                                       size=params["input_size"])
+                                       size=params["input_size"], resize=params["resize"])
     t3 = time.perf_counter()
     data = intensity.hu_to_net(hu, window=params["hu_window"])
     t4 = time.perf_counter()
@@ -261,7 +265,7 @@ def finished_entry(folder: str, pseudonym: str, params: Dict, data_dir: str) -> 
             or "entry" not in attrs:
         return None
     entry = json.loads(attrs["entry"])
-    if len(hdf5_io.augmented_files(path_aug)) != len(set(entry["slices"])):
+    if hdf5_io.augmented_files(path_aug) != hdf5_io.augmented_names(entry["slices"], paper.AUGMENTATIONS):
         return None
     return entry
 
@@ -340,10 +344,11 @@ def format_summary(summary: Dict, skipped: List[Dict]) -> str:
 
 # --- the tool --------------------------------------------------------------------------------------
 def run(raw, data, n_folds=paper.N_FOLDS, seed=paper.SEED, jobs=1, roi=paper.ROI_REGEX, skip_bad=False,
-        box=paper.DEFAULT_BOX_MODE, hu_window=paper.HU_WINDOW, progress=True, log=print) -> Dict:
+        box=paper.DEFAULT_BOX_MODE, hu_window=paper.HU_WINDOW, progress=True, log=print,
+        resize=paper.DEFAULT_RESIZE) -> Dict:
     """Run the whole pipeline; returns the manifest. Raises BadInput on the first bad patient unless
     skip_bad, OutputError when DATA cannot be written, SystemExit when another run holds DATA."""
-    params = make_params(roi, box, hu_window)
+    params = make_params(roi, box, hu_window, resize)
     names = list_patients(raw)
     hidden = sum(1 for n in os.listdir(raw) if n.startswith("."))
     if not names:
@@ -442,6 +447,9 @@ def main(argv=None) -> int:
                     help="one box per patient (SPEC default) or per slice (default %(default)s)")
     ap.add_argument("--hu-window", default=None, metavar="LO,HI",
                     help="HU window mapped to 0..255 (default %d,%d)" % paper.HU_WINDOW)
+    ap.add_argument("--resize", choices=paper.RESIZE_MODES, default=paper.DEFAULT_RESIZE,
+                    help="box -> 100x100: pixel-centre bilinear (default) or anti-aliased (filter widened with the "
+                    "reduction, as PIL's resize; SPEC §7)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     argv = list(sys.argv[1:] if argv is None else argv)
     # `--hu-window -1000,400` (as the Makefile passes it) would read as an option: glue the value on.
@@ -459,7 +467,7 @@ def main(argv=None) -> int:
         ap.error("--folds and --jobs must be >= 1")
     try:
         run(args.raw, args.data, args.folds, args.seed, args.jobs, args.roi, args.skip_bad, args.box,
-            window, progress=not args.no_progress)
+            window, progress=not args.no_progress, resize=args.resize)
     except BadInput as e:
         print("make_data: error: %s" % e, file=sys.stderr)
         print("make_data: stopped (SKIP_BAD=1 / --skip-bad skips such patients)", file=sys.stderr)

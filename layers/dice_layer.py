@@ -2,26 +2,31 @@
 
 This module owns DiceCounts: bottoms score_crop (N x C x H x W scores or probabilities) and label
 (N x 1 x H x W); tops dice_intersection, dice_predicted, dice_truth: the batch's counts of pixels
-that are predicted tumor and truly tumor, predicted tumor, and truly tumor. Predicted tumor means
-argmax over the classes is paper.TUMOR (for two classes: tumor probability > 0.5).
+that are predicted tumor and truly tumor, predicted tumor, and truly tumor. Predicted tumor follows
+tools/score.py's rule: softmax tumor probability above `threshold` (param_str {"threshold": t}; default
+0.5, which for two classes is argmax, the report's rule).
 
 `caffe test` prints the mean of each top over the iterations; all three are divided by the same
 iteration count, so the pooled Dice over the tested slices is
     2 * dice_intersection / (dice_predicted + dice_truth).
 It has no backward pass (use it with propagate_down: false).
 """
+import json
+
 import numpy as np
 
 import caffe
 
 import paper
+from tools import score
 
 
-def dice_counts(scores, labels, tumor=paper.TUMOR):
-    """(intersection, predicted, truth) pixel counts of the tumor class."""
-    pred = np.argmax(scores, axis=1) == tumor
-    truth = np.asarray(labels)[:, 0] == tumor
-    return int((pred & truth).sum()), int(pred.sum()), int(truth.sum())
+def dice_counts(scores, labels, threshold=0.5, tumor=paper.TUMOR):
+    """(intersection, predicted, truth) pixel counts of the tumor class of N x C x H x W scores."""
+    s = np.asarray(scores, dtype=np.float64)
+    e = np.exp(s - s.max(axis=1, keepdims=True))
+    prob = e[:, tumor] / e.sum(axis=1)
+    return score.counts(score.predict(prob, threshold), np.asarray(labels)[:, 0] == tumor)
 
 
 class DiceCounts(caffe.Layer):
@@ -31,6 +36,7 @@ class DiceCounts(caffe.Layer):
         if len(bottom) != 2 or len(top) != 3:
             raise ValueError("DiceCounts needs 2 bottoms (scores, label) and 3 tops "
                              "(dice_intersection, dice_predicted, dice_truth)")
+        self.threshold = float(json.loads(self.param_str or "{}").get("threshold", 0.5))
 
     def reshape(self, bottom, top):
         scores, labels = bottom[0].data.shape, bottom[1].data.shape
@@ -42,7 +48,7 @@ class DiceCounts(caffe.Layer):
             top[i].reshape(1)
 
     def forward(self, bottom, top):
-        for i, value in enumerate(dice_counts(bottom[0].data, bottom[1].data)):
+        for i, value in enumerate(dice_counts(bottom[0].data, bottom[1].data, self.threshold)):
             top[i].data[0] = value
 
     def backward(self, top, propagate_down, bottom):

@@ -39,32 +39,34 @@ DICE_MODULE, DICE_LAYER = "dice_layer", "DiceCounts"
 DICE_TOPS = ("dice_intersection", "dice_predicted", "dice_truth")
 INFOGAIN_DEFAULT_SOURCE = "infogain_H.binaryproto"
 
-# Learning-rate multipliers: (weights, bias); biases never decay.
-_PRETRAINED_PARAM = [dict(lr_mult=paper.PRETRAINED_LR_MULT, decay_mult=1),
-                     dict(lr_mult=2 * paper.PRETRAINED_LR_MULT, decay_mult=0)]
-_LEARNED_PARAM = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
 _FROZEN_PARAM = [dict(lr_mult=0, decay_mult=0)]
 
 
-def _conv(bottom, name, nout, ks, pad, weight_filler):
-    lr = _PRETRAINED_PARAM if name in paper.PRETRAINED_LAYERS else _LEARNED_PARAM
+def _lr_params(lr_mult):
+    """Learning-rate multipliers (weights, bias: twice the rate); biases never decay."""
+    return [dict(lr_mult=lr_mult, decay_mult=1), dict(lr_mult=2 * lr_mult, decay_mult=0)]
+
+
+def _conv(bottom, name, nout, ks, pad, weight_filler, pretrained_lr_mult=paper.PRETRAINED_LR_MULT):
+    lr = _lr_params(pretrained_lr_mult if name in paper.PRETRAINED_LAYERS else 1)
     return L.Convolution(bottom, name=name, num_output=nout, kernel_size=ks, stride=1, pad=pad,
                          param=lr, weight_filler=weight_filler,
                          bias_filler=dict(type="constant", value=0))
 
 
-def _conv_relu(n, bottom, name, nout, ks=3, pad=1, weight_filler=None):
+def _conv_relu(n, bottom, name, nout, ks=3, pad=1, weight_filler=None, pretrained_lr_mult=paper.PRETRAINED_LR_MULT):
     # MSRA fits ReLU nets trained from scratch (SPEC §7 "from scratch (MSRA)").
     filler = weight_filler or dict(type="msra")
-    top = _conv(bottom, name, nout, ks, pad, filler)
+    top = _conv(bottom, name, nout, ks, pad, filler, pretrained_lr_mult)
     setattr(n, name, top)
     relu = L.ReLU(top, in_place=True)
     setattr(n, name.replace("conv", "relu"), relu)
     return relu
 
 
-def _body(n, fc_channels=None):
-    """conv1_1 ... score, upscore on n.data (SPEC §2 rows 1-7, before the crop)."""
+def _body(n, fc_channels=None, dropout=paper.DROPOUT_RATIO, pretrained_lr_mult=paper.PRETRAINED_LR_MULT):
+    """conv1_1 ... score, upscore on n.data (SPEC §2 rows 1-7, before the crop); dropout 0 leaves drop6
+    and drop7 out (they only act in training); pretrained_lr_mult: the lr multiplier of conv1_1..conv3_2."""
     fc6_channels = fc_channels or paper.FC6_CHANNELS
     fc7_channels = fc_channels or paper.FC7_CHANNELS
     bottom = n.data
@@ -72,17 +74,19 @@ def _body(n, fc_channels=None):
         for i in range(1, convs + 1):
             name = "conv%d_%d" % (block, i)
             pad = paper.CONV1_1_PAD if name == "conv1_1" else 1
-            bottom = _conv_relu(n, bottom, name, channels, pad=pad)
+            bottom = _conv_relu(n, bottom, name, channels, pad=pad, pretrained_lr_mult=pretrained_lr_mult)
         pool = L.Pooling(bottom, pool=P.Pooling.MAX, kernel_size=2, stride=2)
         setattr(n, "pool%d" % block, pool)
         bottom = pool
     n.fc6 = _conv(bottom, "fc6", fc6_channels, paper.FC6_KERNEL, 0, dict(type="msra"))
-    n.relu6 = L.ReLU(n.fc6, in_place=True)
-    n.drop6 = L.Dropout(n.relu6, dropout_ratio=paper.DROPOUT_RATIO, in_place=True)
-    n.fc7 = _conv(n.drop6, "fc7", fc7_channels, 1, 0, dict(type="msra"))
-    n.relu7 = L.ReLU(n.fc7, in_place=True)
-    n.drop7 = L.Dropout(n.relu7, dropout_ratio=paper.DROPOUT_RATIO, in_place=True)
-    n.score = _conv(n.drop7, "score", paper.NUM_CLASSES, 1, 0, dict(type="gaussian", std=0.01))
+    top = n.relu6 = L.ReLU(n.fc6, in_place=True)
+    if dropout:
+        top = n.drop6 = L.Dropout(top, dropout_ratio=dropout, in_place=True)
+    n.fc7 = _conv(top, "fc7", fc7_channels, 1, 0, dict(type="msra"))
+    top = n.relu7 = L.ReLU(n.fc7, in_place=True)
+    if dropout:
+        top = n.drop7 = L.Dropout(top, dropout_ratio=dropout, in_place=True)
+    n.score = _conv(top, "score", paper.NUM_CLASSES, 1, 0, dict(type="gaussian", std=0.01))
     # Fixed bilinear upsampling, one filter per class (group = classes: the classes never mix).
     n.upscore = L.Deconvolution(n.score, param=_FROZEN_PARAM, convolution_param=dict(
         num_output=paper.NUM_CLASSES, group=paper.NUM_CLASSES, kernel_size=paper.UPSCORE_KERNEL,
@@ -128,8 +132,15 @@ def _loss_layer(n, loss, class_weights, normalize, infogain_source):
 
 def ts_fcn(split, crop_mode=paper.DEFAULT_CROP_MODE, loss="python", class_weights=paper.CLASS_WEIGHTS,
            normalize=paper.LOSS_NORMALIZE, train_source="train.txt", val_source="val.txt",
-           batch_size=paper.BATCH_SIZE, infogain_source=INFOGAIN_DEFAULT_SOURCE, fc_channels=None):
+           batch_size=paper.BATCH_SIZE, infogain_source=INFOGAIN_DEFAULT_SOURCE, fc_channels=None,
+           dropout=paper.DROPOUT_RATIO, pretrained_lr_mult=paper.PRETRAINED_LR_MULT, tumor_threshold=None):
     """The TS-FCN NetParameter for split "train", "val" or "deploy".
+
+    batch_size, dropout (the training-time ratio of drop6/drop7, 0: left out) and pretrained_lr_mult (the lr
+    multiplier of conv1_1..conv3_2; the report's 0.1 suits transplanted weights, a net trained from scratch
+    may learn them at full rate) shape the train net only (val takes batch 1); the val and deploy nets
+    always have the report's layers, so every training recipe gives the same deploy net. tumor_threshold:
+    the val net's DiceCounts calls tumor above this probability (tools/score.py; None: argmax).
 
     infogain_source: H = diag(class_weights) as a binaryproto (loss="infogain" only; a relative
     path is resolved by Caffe from its working directory; `write` writes it and uses its absolute
@@ -147,8 +158,12 @@ def ts_fcn(split, crop_mode=paper.DEFAULT_CROP_MODE, loss="python", class_weight
         source = train_source if split == "train" else val_source
         n = caffe.NetSpec()
         n.data, n.label = L.HDF5Data(ntop=2, hdf5_data_param=dict(
-            source=source, batch_size=batch_size, shuffle=(split == "train")))
-    _body(n, fc_channels)
+            source=source, batch_size=batch_size if split == "train" else paper.BATCH_SIZE,
+            shuffle=(split == "train")))
+    if split == "train":
+        _body(n, fc_channels, dropout, pretrained_lr_mult)
+    else:
+        _body(n, fc_channels)
     n.score_crop = L.Crop(n.upscore, n.data, crop_param=dict(axis=2, offset=offset))
     if split in ("train", "val"):
         n.loss = _loss_layer(n, loss, class_weights, normalize, infogain_source)
@@ -158,9 +173,11 @@ def ts_fcn(split, crop_mode=paper.DEFAULT_CROP_MODE, loss="python", class_weight
         # prob stays readable from pycaffe, but is no net output: `caffe test` would print every
         # one of its 20 000 values per iteration.
         n.silence_prob = L.Silence(n.prob, ntop=0)
+        dice_param = dict(module=DICE_MODULE, layer=DICE_LAYER)
+        if tumor_threshold is not None:
+            dice_param["param_str"] = json.dumps({"threshold": float(tumor_threshold)})
         tops = L.Python(n.score_crop, n.label, name="dice", ntop=len(DICE_TOPS),
-                        propagate_down=[False, False],
-                        python_param=dict(module=DICE_MODULE, layer=DICE_LAYER))
+                        propagate_down=[False, False], python_param=dice_param)
         for name, top in zip(DICE_TOPS, tops):
             setattr(n, name, top)
     proto = n.to_proto()

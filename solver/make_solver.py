@@ -1,11 +1,12 @@
 """The solver of one fold: SPEC §4's Adam schedule, sized from that fold's data.
 
 One epoch is the number of augmented training images of the fold (the rows of the HDF5 files that
-DATA/fold<k>/train.txt lists). From it and a profile of paper.PROFILES:
+DATA/fold<k>/train.txt lists), divided by the images per update (batch_size x iter_size). From it and a
+profile of solver/profiles.py:
 
-  type Adam, base_lr, momentum, momentum2, delta          (paper.py)
-  lr_policy step, gamma 0.9, stepsize = ceil(epoch / 4)   (or the profile's "stepsize")
-  weight_decay 5e-4
+  type Adam, base_lr, momentum, momentum2, delta          (paper.py; the profile may set base_lr, momentum2)
+  lr_policy step, gamma 0.9, stepsize = ceil(epoch / 4)   (or the profile's "stepsize"; or lr_policy poly)
+  weight_decay 5e-4, iter_size                            (iter_size 1 unless the profile sets it)
   max_iter = epochs x epoch                               (or the profile's "max_iter")
   snapshot = every epoch                                  (or the profile's "snapshot")
   solver_mode CPU / GPU, random_seed
@@ -28,14 +29,7 @@ from google.protobuf import text_format
 import atomic
 import paper
 from data_prep import hdf5_io
-
-
-def profile_settings(name):
-    """The named profile of paper.PROFILES (KeyError with the choices otherwise)."""
-    try:
-        return dict(paper.PROFILES[name])
-    except KeyError:
-        raise KeyError("unknown profile %r (choose from %s)" % (name, ", ".join(sorted(paper.PROFILES))))
+from solver import profiles
 
 
 def read_list(list_path):
@@ -50,17 +44,17 @@ def count_images(list_path):
     return sum(hdf5_io.count_images(path) for path in read_list(list_path))
 
 
-def epoch_size(data_dir, fold):
-    """Iterations of one epoch at batch size paper.BATCH_SIZE for DATA/fold<k>."""
+def epoch_size(data_dir, fold, images_per_iteration=paper.BATCH_SIZE):
+    """Iterations (solver updates) of one epoch for DATA/fold<k> at `images_per_iteration` (batch x iter_size)."""
     images = count_images(os.path.join(data_dir, "fold%d" % fold, "train.txt"))
     if images == 0:
         raise ValueError("%s/fold%d/train.txt lists no training images" % (data_dir, fold))
-    return int(math.ceil(images / float(paper.BATCH_SIZE)))
+    return int(math.ceil(images / float(images_per_iteration)))
 
 
 def schedule(epoch, profile="paper"):
     """(max_iter, stepsize, snapshot, validate_every) of a profile for an epoch of `epoch` iterations."""
-    p = profile_settings(profile)
+    p = profiles.settings(profile) if isinstance(profile, str) else profile
     max_iter = p.get("max_iter") or int(p["epochs"] * epoch)
     stepsize = p.get("stepsize") or int(math.ceil(epoch / float(p["lr_steps_per_epoch"])))
     snapshot = p.get("snapshot") or (epoch if p.get("max_iter") is None else max_iter)
@@ -70,20 +64,28 @@ def schedule(epoch, profile="paper"):
 
 def solver_parameter(train_net, epoch, snapshot_prefix, profile="paper", gpu=False, seed=paper.SEED,
                      max_iter=None, display=20):
-    """SolverParameter for `epoch` iterations per epoch under `profile` (max_iter overrides the profile)."""
-    p = profile_settings(profile)
-    n_iter, stepsize, snapshot, _ = schedule(epoch, profile)
+    """SolverParameter for `epoch` iterations per epoch under `profile` (a name of solver/profiles.py or a
+    settings dict; max_iter overrides the profile)."""
+    p = profiles.settings(profile) if isinstance(profile, str) else profile
+    n_iter, stepsize, snapshot, _ = schedule(epoch, p)
+    if p["lr_policy"] not in profiles.LR_POLICIES:
+        raise ValueError("lr_policy %r not in %s" % (p["lr_policy"], profiles.LR_POLICIES))
     s = caffe_pb2.SolverParameter()
     s.net = train_net
     s.type = paper.SOLVER_TYPE
     s.base_lr = p["base_lr"]
     s.momentum = paper.MOMENTUM
-    s.momentum2 = paper.MOMENTUM2
+    s.momentum2 = p["momentum2"]
     s.delta = paper.DELTA
-    s.lr_policy = paper.LR_POLICY
-    s.gamma = p.get("gamma", paper.LR_GAMMA)
-    s.stepsize = stepsize
+    s.lr_policy = p["lr_policy"]
+    if p["lr_policy"] == "step":
+        s.gamma = p["gamma"]
+        s.stepsize = stepsize
+    else:
+        s.power = p["power"]
     s.weight_decay = paper.WEIGHT_DECAY
+    if p["iter_size"] != 1:
+        s.iter_size = p["iter_size"]
     s.max_iter = int(max_iter or n_iter)
     s.snapshot = min(snapshot, s.max_iter)
     s.snapshot_prefix = snapshot_prefix
@@ -95,7 +97,10 @@ def solver_parameter(train_net, epoch, snapshot_prefix, profile="paper", gpu=Fal
 
 
 def learning_rate(solver_param, iteration):
-    """Caffe's 'step' policy: base_lr * gamma ^ floor(iter / stepsize) (what Caffe uses at `iteration`)."""
+    """The lr Caffe uses at `iteration`: 'step' base_lr * gamma ^ floor(iter / stepsize), 'poly'
+    base_lr * (1 - iter / max_iter) ^ power."""
+    if solver_param.lr_policy == "poly":
+        return solver_param.base_lr * (1.0 - float(iteration) / solver_param.max_iter) ** solver_param.power
     return solver_param.base_lr * solver_param.gamma ** (iteration // solver_param.stepsize)
 
 
@@ -119,7 +124,7 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="DATA folder (make data)")
     ap.add_argument("--fold", type=int, required=True, help="validation fold k")
     ap.add_argument("--run", required=True, help="run folder; the train net is RUN/train.prototxt")
-    ap.add_argument("--profile", default=paper.DEFAULT_PROFILE, choices=sorted(paper.PROFILES))
+    ap.add_argument("--profile", default=profiles.DEFAULT_PROFILE, choices=sorted(profiles.PROFILES))
     ap.add_argument("--gpu", action="store_true", help="solver_mode GPU (default CPU)")
     ap.add_argument("--seed", type=int, default=paper.SEED, help="random_seed")
     a = ap.parse_args(argv)

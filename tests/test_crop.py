@@ -188,3 +188,36 @@ def test_crop_patient_groups_and_orders():
         for i, z in enumerate(zs):
             np.testing.assert_array_equal(imgs[i], crop.crop_slice(hu[z], boxes[z]))
             np.testing.assert_array_equal(labs[i], crop.crop_label(m[z], boxes[z]))
+
+
+@pytest.mark.parametrize("side,top,left", [(200, 50, 40), (544, -100, -120), (150, 10, 20), (333, -16, 0)])
+def test_antialias_resize_is_pils_bilinear(side, top, left):
+    """--resize antialias reduces a box as PIL's bilinear resize (behind scipy.misc.imresize) does: the same
+    values on a slice padded far enough that PIL's border handling never applies."""
+    from PIL import Image
+    img = np.random.RandomState(0).rand(300, 300).astype(np.float32) * 1000
+    box = crop.Box(top + side / 2.0, left + side / 2.0, float(side))
+    ours = crop.crop_slice(img, box, fill=0.0, resize="antialias")
+    pad = 600
+    # PIL's pixel x covers [x, x + 1]; ours is centred on x: PIL coordinates are ours + 0.5
+    pil = np.asarray(Image.fromarray(np.pad(img, pad)).resize(
+        (100, 100), Image.BILINEAR, box=(left + pad + 0.5, top + pad + 0.5, left + pad + 0.5 + side,
+                                          top + pad + 0.5 + side)))
+    assert np.abs(ours - pil).max() < 1e-3
+    assert np.abs(crop.crop_slice(img, box, fill=0.0) - pil).mean() > 10    # the default reads 2x2 neighbours
+
+
+def test_antialias_resize_keeps_constants_fill_and_small_boxes():
+    img = np.full((2, 300, 300), 40.0, np.float32)
+    inside = crop.crop_slice(img, crop.Box(150.0, 150.0, 280.0), resize="antialias")
+    assert inside.shape == (2, 100, 100) and np.allclose(inside, 40.0)
+    edge = crop.crop_slice(img[0], crop.Box(0.0, 150.0, 280.0), resize="antialias")     # half above the slice
+    assert np.allclose(edge[:40], paper.AIR_HU) and np.allclose(edge[-40:], 40.0)
+    box = crop.Box(120.0, 130.5, 100.0)                 # no reduction: both modes interpolate linearly
+    assert np.array_equal(crop.crop_slice(img[0], box, resize="antialias"), crop.crop_slice(img[0], box))
+    label = np.zeros((300, 300), np.uint8)
+    label[100:200, 100:200] = 1
+    lab = crop.crop_label(label, crop.Box(150.0, 150.0, 200.0), resize="antialias")
+    assert lab.sum() == 50 * 50 and set(np.unique(lab)) == {0, 1}
+    with pytest.raises(ValueError):
+        crop.crop_slice(img[0], box, resize="bicubic")

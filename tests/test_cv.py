@@ -101,7 +101,7 @@ def test_ablation_table():
              "mean_dice_2d": 0.45, "mean_pixel_accuracy": 0.97, "iterations": 240}]
     text = ablation.markdown({"profile": "fast", "fold": 0, "seed": 0, "variants": rows})
     assert "| baseline | defaults | 0.500 ± 0.100 | 0.450 | 0.9700 | 240 |" in text
-    assert [v[0] for v in ablation.VARIANTS] == ["baseline", "crop", "box", "loss", "weights"]
+    assert [v[0] for v in ablation.VARIANTS] == ["baseline", "crop", "box", "loss", "resize", "weights"]
 
 
 def test_ablation_variants_change_one_thing_each():
@@ -110,12 +110,14 @@ def test_ablation_variants_change_one_thing_each():
     base = ["--fold", "0", "--data", "d", "--run", "r"]
     default = vars(train.parser().parse_args(base))
     changed = {}
-    for name, _, box, extra in ablation.VARIANTS:
+    for name, _, data_args, extra in ablation.VARIANTS:
         a = vars(train.parser().parse_args(base + extra))
         diff = {k for k in a if a[k] != default[k]}
-        changed[name] = diff | ({"box"} if box != paper.DEFAULT_BOX_MODE else set())
+        changed[name] = diff | {o.lstrip("-") for o in data_args[::2]}
+        if data_args:                      # a make_data option away from its default
+            assert data_args[1] != {"--box": paper.DEFAULT_BOX_MODE, "--resize": paper.DEFAULT_RESIZE}[data_args[0]]
     assert changed == {"baseline": set(), "crop": {"crop"}, "box": {"box"}, "loss": {"loss_normalize"},
-                       "weights": {"class_weights"}}
+                       "resize": {"resize"}, "weights": {"class_weights"}}
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +170,10 @@ def test_ablation_end_to_end_in_caffe(tiny_cohort):
     nets = {v: json.load(open(os.path.join(out, v, "run.json")))["net"] for v, _, _, _ in ablation.VARIANTS}
     assert nets["crop"]["crop_mode"] == "aligned" and nets["baseline"]["crop_mode"] == "center"
     assert nets["loss"]["normalize"] is False and nets["weights"]["class_weights"] == [0.5, 0.5]
-    for box in ("patient", "slice"):
-        assert json.load(open(os.path.join(out, "data_" + box, "manifest.json")))["params"]["box"] == box
-    assert json.load(open(os.path.join(out, "box", "run.json")))["data"].endswith("data_slice")
+    for folder, key, value in (("data_default", "box", "patient"), ("data_box-slice", "box", "slice"),
+                               ("data_default", "resize", "bilinear"), ("data_resize-antialias", "resize", "antialias")):
+        assert json.load(open(os.path.join(out, folder, "manifest.json")))["params"][key] == value
+    assert json.load(open(os.path.join(out, "box", "run.json")))["data"].endswith("data_box-slice")
+    assert json.load(open(os.path.join(out, "resize", "run.json")))["data"].endswith("data_resize-antialias")
     assert os.path.getsize(os.path.join(out, "ablation_dice.png")) > 10000
     assert "| weights | class weights 0.5/0.5 |" in open(os.path.join(out, "ablation.md")).read()

@@ -80,8 +80,9 @@ def test_mixed_cohort_end_to_end(cohort, tmp_path, capsys):
         np.testing.assert_allclose(entry["spacing"], p["spacing"], rtol=1e-5)
         h5 = hdf5_io.read_patient_h5(os.path.join(data, entry["h5"]))
         aug = hdf5_io.read_augmented(os.path.join(data, entry["h5_aug"]))
-        # one training file per source slice, so Caffe's HDF5Data shuffles across patients
-        assert hdf5_io.augmented_files(os.path.join(data, entry["h5_aug"])) == ["z%04d.h5" % z for z in tumor]
+        # one training file per image, so Caffe's HDF5Data shuffles the images uniformly
+        assert hdf5_io.augmented_files(os.path.join(data, entry["h5_aug"])) == [
+            "z%04d_a%d.h5" % (z, a) for z in tumor for a in range(paper.AUGMENTATIONS)]
         n = len(tumor)
         assert h5["data"].shape == (n, 3, 100, 100) and h5["label"].shape == (n, 1, 100, 100)
         assert aug["data"].shape == (8 * n, 3, 100, 100) and aug["slice"].tolist() == np.repeat(tumor, 8).tolist()
@@ -103,7 +104,8 @@ def test_mixed_cohort_end_to_end(cohort, tmp_path, capsys):
         val = open(os.path.join(fold_dir, "val.txt")).read().split()
         assert val == ["../patients/%s.h5" % i for i in val_ids]
         slices = {e["id"]: e["slices"] for e in man["patients"]}
-        assert train == ["../patients/%s_aug/z%04d.h5" % (i, z) for i in ids if i not in val_ids for z in slices[i]]
+        assert train == ["../patients/%s_aug/z%04d_a%d.h5" % (i, z, a) for i in ids if i not in val_ids
+                         for z in slices[i] for a in range(paper.AUGMENTATIONS)]
         assert all(os.path.isfile(os.path.join(fold_dir, t)) for t in train + val)
     assert "fold0" in out and "total" in out
 

@@ -58,9 +58,12 @@ ROI = "^gtv$|^ctv$"
 TARGETS = {
     # target: ({VAR: value or a tag for a hostile path}, {VAR: the option that must carry it})
     "phantoms": ({"OUT": "p", "N": "3", "SEED": "7"}, {"OUT": "--out", "N": "--n", "SEED": "--seed"}),
-    "data": ({"RAW": "p", "DATA": "p", "ROI": ROI, "BOX": "slice", "HU_WINDOW": "-1000,400", "FOLDS": "3"},
+    "data": ({"RAW": "p", "DATA": "p", "ROI": ROI, "BOX": "slice", "HU_WINDOW": "-1000,400", "FOLDS": "3",
+              "RESIZE": "antialias"},
              {"RAW": "--raw", "DATA": "--data", "ROI": "--roi", "BOX": "--box", "HU_WINDOW": "--hu-window",
-              "FOLDS": "--folds"}),
+              "FOLDS": "--folds", "RESIZE": "--resize"}),
+    "recipe": ({"DATA": "p", "OUT": "p", "FOLD": "1", "SEED": "4"},
+               {"DATA": "--data", "OUT": "--out", "FOLD": "--fold", "SEED": "--seed"}),
     "train": ({"DATA": "p", "RUN": "p", "WEIGHTS": "p", "FOLD": "2", "PROFILE": "fast"},
               {"DATA": "--data", "RUN": "--run", "WEIGHTS": "--weights", "FOLD": "--fold", "PROFILE": "--profile"}),
     "eval": ({"DATA": "p", "RUN": "p", "SNAPSHOT": "p"}, {"DATA": "--data", "RUN": "--run", "SNAPSHOT": "--snapshot"}),
@@ -107,3 +110,9 @@ def test_exec_hands_cmd_to_bash_as_one_argument(tmp_path):
     assert argv == ["bash", "-c", cmd]
     out = subprocess.run(argv, capture_output=True, text=True).stdout      # what the runtime then runs
     assert out == "a  b\n3\nü漢\n"
+
+
+def test_recipe_defaults_and_word_list(tmp_path):
+    argv, _ = run_target(tmp_path, "recipe", {"ONLY": "base  lr$(touch pwned_o)"})
+    assert "--data=runs/demo/data" in argv and "--out=runs/recipe" in argv
+    assert argv[-3:] == ["--only", "base", "lr$(touch pwned_o)"], argv

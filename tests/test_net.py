@@ -216,3 +216,19 @@ def test_caffe_train_python_loss_goes_down(tmp_path, monkeypatch):
     trained = caffe.Net(model, caffe.TEST, weights="snap_iter_%d.caffemodel" % iters)
     loss1 = float(trained.forward()["loss"])
     assert loss1 < 0.7 * loss0, (loss0, loss1, losses)
+
+
+def test_training_recipe_options_leave_the_val_and_deploy_nets_alone():
+    """dropout, batch size and conv1-3's lr multiplier change only the train net (solver/profiles.py's promise)."""
+    recipe = dict(dropout=0, batch_size=4, pretrained_lr_mult=1)
+    for split in ("val", "deploy"):
+        assert tsnet.text(tsnet.ts_fcn(split, **recipe)) == tsnet.text(tsnet.ts_fcn(split))
+    train = tsnet.ts_fcn("train", **recipe)
+    names = [layer.name for layer in train.layer]
+    assert "drop6" not in names and "drop7" not in names
+    assert "drop6" in [layer.name for layer in tsnet.ts_fcn("train").layer]
+    layers = {layer.name: layer for layer in train.layer}
+    assert layers["data"].hdf5_data_param.batch_size == 4
+    assert [p.lr_mult for p in layers["conv1_1"].param] == [1, 2]
+    assert [p.lr_mult for p in layers["fc6"].param] == [1, 2]
+    assert layers["fc7"].bottom == ["fc6"]                 # relu6 is in place: fc7 reads fc6 without dropout

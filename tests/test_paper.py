@@ -53,9 +53,28 @@ def test_loss_and_learning():
     assert paper.EPOCHS == spec_number(r"about (\d+) epochs")
     assert paper.REPORT_VAL_DICE_3D == spec_number(r"validation 3D\s+Dice ([\d.]+)")
     assert paper.REPORT_TEST_DICE_3D == spec_number(r"test 3D\s+Dice (\d\.\d+)")
-    assert paper.PROFILES["paper"]["base_lr"] == paper.BASE_LR
-    assert paper.PROFILES["paper"]["epochs"] == paper.EPOCHS
-    assert paper.PROFILES["paper"]["pretrained"] is True
+
+
+def test_paper_profile_is_spec_section_4():
+    """PROFILE=paper gives SPEC §4's solver and the report's training net, read from SPEC's text (not from paper.py)."""
+    from solver import make_solver, profiles
+    epoch = 20000
+    s = make_solver.solver_parameter("train.prototxt", epoch, "snap", "paper")
+    assert s.type == "Adam" and s.lr_policy == "step"
+    assert s.base_lr == pytest.approx(spec_number(r"base_lr ([\de.-]+)"))
+    assert s.gamma == pytest.approx(spec_number(r"gamma ([\d.]+)"))
+    assert s.stepsize == math.ceil(epoch / spec_number(r"stepsize = epoch/(\d+)"))
+    assert s.max_iter == spec_number(r"about (\d+) epochs") * epoch
+    assert (s.momentum, s.momentum2, s.delta) == pytest.approx(
+        (spec_number(r"β1 ([\d.]+)"), spec_number(r"β2 ([\d.]+)"), spec_number(r"ε ([\de.-]+)")))
+    assert s.weight_decay == pytest.approx(spec_number(r"weight decay ([\de.-]+) comes"))
+    assert s.iter_size == 1
+    p = profiles.settings("paper")
+    assert p["pretrained"] is True
+    assert p["batch_size"] == spec_number(r"batch (\d+), about")
+    assert tuple(p["class_weights"]) == (spec_number(r"background ([\d.]+), mean"),
+                                         spec_number(r"tumor ([\d.]+), background"))
+    assert p["dropout"] == spec_number(r"fc6, relu, dropout ([\d.]+)")
 
 
 def test_data_preparation():

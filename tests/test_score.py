@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+import paper
+
 from tools import score
 
 
@@ -61,3 +63,30 @@ def test_patient_and_cohort_summary():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError):
         score.dice(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+def test_calibration_counts():
+    truth = np.zeros((1, 10, 10), np.uint8)
+    truth[0, :5, :4] = 1                      # 20 tumor pixels
+    pred = np.zeros_like(truth)
+    pred[0, :5, :8] = 1                       # 40 predicted, 20 of them right
+    s = score.patient_scores(pred, truth)
+    assert (s["precision"], s["recall"], s["pred_ratio"]) == (0.5, 1.0, 2.0)
+    none = score.patient_scores(np.zeros_like(truth), truth)
+    assert np.isnan(none["precision"]) and none["recall"] == 0.0 and none["pred_ratio"] == 0.0
+    c = score.cohort_summary({"P001": s, "P002": none})
+    assert c["mean_precision"] == 0.5             # a patient with nothing predicted has no precision
+    assert c["mean_recall"] == 0.5 and c["mean_pred_ratio"] == 1.0
+
+
+def test_decision_rules():
+    assert score.DEFAULT_DECISION == paper.DECISION_RULE == "argmax"
+    assert score.tumor_threshold("argmax", (0.04, 0.96)) == 0.5
+    # the report's weights shift the net's tumor probability: p = 0.5 becomes 0.96
+    assert score.tumor_threshold("prior", (0.04, 0.96)) == pytest.approx(0.96)
+    assert score.tumor_threshold("prior", (0.5, 0.5)) == 0.5
+    p = np.array([0.2, 0.5, 0.51, 0.97])
+    assert score.predict(p).tolist() == [False, False, True, True]   # argmax: ties go to background
+    assert score.predict(p, score.tumor_threshold("prior")).tolist() == [False, False, False, True]
+    with pytest.raises(ValueError):
+        score.tumor_threshold("median")

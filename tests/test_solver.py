@@ -10,11 +10,11 @@ import pytest
 
 import paper
 import tiny_data
-from solver import make_solver
+from solver import make_solver, profiles
 
 
 def test_paper_schedule_from_counts(tmp_path):
-    data = tiny_data.make(str(tmp_path / "data"), patients=5, slices=3)
+    tiny_data.make(str(tmp_path / "data"), patients=5, slices=3)
     epoch = make_solver.epoch_size(str(tmp_path / "data"), 0)
     assert epoch == 4 * 3 * paper.AUGMENTATIONS          # the other four patients' augmented slices
     s = make_solver.solver_parameter("/abs/train.prototxt", epoch, "/abs/run/snap", "paper", gpu=True, seed=7)
@@ -30,7 +30,27 @@ def test_paper_schedule_from_counts(tmp_path):
     path = str(tmp_path / "solver.prototxt")
     make_solver.write(path, s, "# header")
     assert make_solver.read(path) == s
-    assert data
+    # two images per update (batch x iter_size) halve the epoch's updates
+    assert make_solver.epoch_size(str(tmp_path / "data"), 0, images_per_iteration=2) == epoch // 2
+
+
+def test_profile_settings_reach_the_solver():
+    p = profiles.settings("fast")
+    p.update(lr_policy="poly", power=2.0, iter_size=3, momentum2=0.99, max_iter=100)
+    s = make_solver.solver_parameter("train.prototxt", 1000, "snap", p)
+    assert s.lr_policy == "poly" and s.power == 2.0 and s.iter_size == 3
+    assert s.momentum2 == pytest.approx(0.99) and s.max_iter == 100
+    assert make_solver.learning_rate(s, 50) == pytest.approx(p["base_lr"] * 0.25)
+    assert make_solver.learning_rate(s, 100) == 0
+    p.update(lr_policy="cosine")
+    with pytest.raises(ValueError):
+        make_solver.solver_parameter("train.prototxt", 1000, "snap", p)
+    with pytest.raises(KeyError):
+        profiles.PROFILES["bad"] = {"no_such_key": 1}
+        try:
+            profiles.settings("bad")
+        finally:
+            del profiles.PROFILES["bad"]
 
 
 def _tiny_net(path):
@@ -66,14 +86,14 @@ def test_caffe_train_runs_the_written_solver(tmp_path):
 
 
 def test_fast_profile_schedule():
-    p = paper.PROFILES["fast"]
+    p = profiles.settings("fast")
     max_iter, stepsize, snapshot, validate_every = make_solver.schedule(1408, "fast")
-    assert max_iter == p["max_iter"] and snapshot == max_iter
-    assert validate_every == p["validate_every"] and stepsize == p["stepsize"]
+    assert max_iter == p["max_iter"] and snapshot == max_iter and validate_every == p["validate_every"]
     fast = make_solver.solver_parameter("train.prototxt", 1408, "snap", "fast")
-    assert fast.stepsize == p["stepsize"] and fast.gamma == pytest.approx(p["gamma"])
+    assert fast.lr_policy == p["lr_policy"] == "poly" and fast.power == p["power"]
+    assert make_solver.learning_rate(fast, max_iter) == 0          # decayed to nothing at the end
     paper_sp = make_solver.solver_parameter("train.prototxt", 1408, "snap", "paper")
     assert paper_sp.stepsize == math.ceil(1408 / 4) and paper_sp.gamma == pytest.approx(paper.LR_GAMMA)
     assert make_solver.schedule(1408, "paper") == (5 * 1408, 352, 1408, 141)
     with pytest.raises(KeyError):
-        make_solver.profile_settings("nope")
+        profiles.settings("nope")

@@ -129,21 +129,38 @@ def test_short_training_learns(phantom_run):
     m = json.load(open(os.path.join(run, "metrics.json")))
     assert m["profile"] == "fast" and m["iterations"] == 48
     assert m["mean_dice_3d"] == pytest.approx(dice[-1], abs=1e-4)
-    assert os.path.exists(os.path.join(run, "figures", "fig5_val_dice.png"))
+    # Fig. 5 draws the validation patients' curves and their mean, and nothing else of the log
+    from tools import figures
+    it, curves, mean = figures.fig5_curves(os.path.join(run, "train_log.csv"))
+    assert it == [0, 24, 48] and mean == pytest.approx(dice)
+    assert sorted(curves) == sorted(m["per_patient"]) == ["P005"]
+    assert os.path.getsize(os.path.join(run, "figures", "fig5_val_dice.png")) > 10000
+    # calibration and the resolution ceiling, per patient and per validation point
+    s = m["per_patient"]["P005"]
+    assert s["pred_ratio"] == pytest.approx(s["predicted"] / s["truth"])
+    assert s["recall"] == pytest.approx(s["intersection"] / s["truth"])
+    assert 0.85 < s["ceiling_dice_3d"] <= 1 and m["ceiling_dice_3d"] == s["ceiling_dice_3d"]
+    assert float(rows[-1]["val_pred_ratio"]) == pytest.approx(s["pred_ratio"], abs=1e-4)
 
 
 def test_caffe_test_with_python_layers_matches_the_evaluator(phantom_run):
     """`caffe test` on the val net (Python loss + DiceCounts) counts exactly what the pycaffe evaluator counts."""
     from tools import evaluate
     data, run, fold = phantom_run
-    m = evaluate.evaluate(data, fold, run, figures=True)
-    ct = m["caffe_test"]
-    n = ct["iterations"]
-    per = m["per_patient"]
-    for top, key in (("dice_intersection", "intersection"), ("dice_predicted", "predicted"), ("dice_truth", "truth")):
-        assert ct[top] * n == pytest.approx(sum(s[key] for s in per.values()), abs=0.5 + 1e-4 * ct[top] * n)
-    assert ct["pooled_dice"] == pytest.approx(m["pooled_dice"], abs=1e-3)
-    assert ct["loss"] > 0
+    predicted = {}
+    for decision in ("prior", "argmax"):      # both decision rules (tools/score.py), the run's last
+        m = evaluate.evaluate(data, fold, run, figures=decision == "argmax", decision=decision)
+        assert m["decision"] == decision
+        ct = m["caffe_test"]
+        n = ct["iterations"]
+        per = m["per_patient"]
+        for top, key in (("dice_intersection", "intersection"), ("dice_predicted", "predicted"),
+                         ("dice_truth", "truth")):
+            assert ct[top] * n == pytest.approx(sum(s[key] for s in per.values()), abs=0.5 + 1e-4 * ct[top] * n)
+        assert ct["pooled_dice"] == pytest.approx(m["pooled_dice"], abs=1e-3)
+        assert ct["loss"] > 0
+        predicted[decision] = sum(s["predicted"] for s in per.values())
+    assert predicted["prior"] < predicted["argmax"]     # p > 0.96 calls fewer pixels tumor than p > 0.5
     for name in ("fig_panels_best.png", "fig_panels_worst.png", "fig7_score_to_probability.png",
                  "dice_2d_hist.png"):
         assert os.path.getsize(os.path.join(run, "figures", name)) > 10000
@@ -190,3 +207,29 @@ def test_class_weights_option_reaches_the_caffe_loss(phantom_run, tmp_path):
     report = weighted_loss.weighted_loss(scores, labels, paper.CLASS_WEIGHTS)[0]
     assert float(net.blobs["loss"].data) == pytest.approx(balanced, rel=1e-4)
     assert abs(balanced - report) > 1e-3 * balanced
+
+
+def test_weight_average_is_kept_resumed_and_becomes_the_model(tmp_path):
+    """--average: the EMA of the weights is saved beside each snapshot, carried across an interruption, and
+    final.caffemodel is it: avg_4 = d avg_3 + (1 - d) raw_4, d = min(decay, 5 / 14) after the 4th update."""
+    import caffe
+    data = tiny_data.make(str(tmp_path / "data"), patients=5, slices=1, size=paper.INPUT_SIZE)
+    run = str(tmp_path / "run")
+    cmd = _train_cmd(data, run, "--profile", "fast", "--max-iter", "4", "--validate-every", "2",
+                     "--snapshot-every", "2", "--average", "0.5", "--base-lr", "1e-3")
+    r = subprocess.run(cmd + ["--stop-after", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, timeout=300)
+    assert r.returncode == 130, r.stdout[-3000:]
+    snaps = os.path.join(run, "snapshots")
+    assert os.path.exists(os.path.join(snaps, "ts_fcn_iter_3.average.caffemodel"))
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "weights averaged (EMA 0.5)" in r.stdout
+    deploy = os.path.join(run, "deploy.prototxt")
+    load = lambda name: caffe.Net(deploy, caffe.TEST, weights=os.path.join(run, name)).params["fc6"][0].data.copy()
+    final, raw4 = load("final.caffemodel"), load("snapshots/ts_fcn_iter_4.caffemodel")
+    avg3 = load("snapshots/ts_fcn_iter_3.average.caffemodel")
+    d = min(0.5, 5.0 / 14.0)
+    assert np.abs(final - (d * avg3 + (1 - d) * raw4)).max() < 1e-6
+    assert np.abs(final - raw4).max() > 1e-5
+    assert json.load(open(os.path.join(run, "run.json")))["average"] == 0.5

@@ -169,26 +169,32 @@ def test_shape_mismatch_raises_clear_error(tmp_path):
         caffe.Net(str(path), caffe.TRAIN)
 
 
-def test_dice_counts_in_caffe(tmp_path):
+@pytest.mark.parametrize("threshold", [None, 0.96])
+def test_dice_counts_in_caffe(tmp_path, threshold):
+    """DiceCounts counts argmax (the default) or, with param_str {"threshold": t}, tumor probability > t."""
     n = caffe.NetSpec()
     n.score_crop = L.Input(shape=dict(dim=[2, 2, 3, 3]))
     n.label = L.Input(shape=dict(dim=[2, 1, 3, 3]))
-    tops = L.Python(n.score_crop, n.label, ntop=3, propagate_down=[False, False],
-                    python_param=dict(module="dice_layer", layer="DiceCounts"))
+    param = dict(module="dice_layer", layer="DiceCounts")
+    if threshold is not None:
+        param["param_str"] = '{"threshold": %g}' % threshold
+    tops = L.Python(n.score_crop, n.label, ntop=3, propagate_down=[False, False], python_param=param)
     for name, top in zip(tsnet.DICE_TOPS, tops):
         setattr(n, name, top)
     path = tmp_path / "dice.prototxt"
     path.write_text(str(n.to_proto()))
     net = caffe.Net(str(path), caffe.TEST)
     rng = np.random.RandomState(5)
-    scores = rng.randn(2, 2, 3, 3).astype(np.float32)
+    scores = (4 * rng.randn(2, 2, 3, 3)).astype(np.float32)
     labels = rng.randint(0, 2, size=(2, 1, 3, 3)).astype(np.float32)
     net.blobs["score_crop"].data[...] = scores
     net.blobs["label"].data[...] = labels
     out = net.forward()
-    pred = scores[:, 1] > scores[:, 0]
+    margin = 0.0 if threshold is None else np.log(threshold / (1 - threshold))   # p > t <=> s1 - s0 > logit t
+    pred = scores[:, 1] - scores[:, 0] > margin
     truth = labels[:, 0] == 1
+    assert 0 < pred.sum() < pred.size
     assert float(out["dice_intersection"]) == (pred & truth).sum()
     assert float(out["dice_predicted"]) == pred.sum()
     assert float(out["dice_truth"]) == truth.sum()
-    assert dice_layer.dice_counts(scores, labels) == ((pred & truth).sum(), pred.sum(), truth.sum())
+    assert dice_layer.dice_counts(scores, labels, threshold or 0.5) == ((pred & truth).sum(), pred.sum(), truth.sum())

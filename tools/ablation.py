@@ -3,7 +3,8 @@
 Variants (fold --fold of the same cohort, same profile, same Caffe seed):
   baseline    crop center (offset 14), one box per patient, loss divided by the pixel count
   crop        crop aligned (offset 11, caffe.coord_map)
-  box         one box per slice (its own `make data --box slice` run: OUT/data_slice)
+  box         one box per slice (its own `make data --box slice` run: OUT/data_box-slice)
+  resize      anti-aliased box -> 100x100 resize (its own `make data --resize antialias` run)
   loss        plain weighted sum (Fig. 2 as printed)
   weights     class weights 0.5/0.5 instead of the report's 0.04/0.96 (not a SPEC §7 choice: it measures
               what the report's weighting costs or gains under the same profile)
@@ -23,23 +24,31 @@ import time
 
 import atomic
 import paper
+from solver import profiles
 from tools import train as train_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (what changes, data box mode, train.py options)
+# name -> (what changes, make_data.py options, train.py options)
 VARIANTS = (
-    ("baseline", "defaults: crop center 14, box per patient, loss mean", "patient", []),
-    ("crop", "crop aligned (offset 11)", "patient", ["--crop", "aligned"]),
-    ("box", "box per slice", "slice", []),
-    ("loss", "loss plain sum", "patient", ["--loss-sum"]),
-    ("weights", "class weights 0.5/0.5", "patient", ["--class-weights", "0.5", "0.5"]),
+    ("baseline", "defaults: crop center 14, box per patient, loss mean, bilinear resize", (), []),
+    ("crop", "crop aligned (offset 11)", (), ["--crop", "aligned"]),
+    ("box", "box per slice", ("--box", "slice"), []),
+    ("loss", "loss plain sum", (), ["--loss-sum"]),
+    ("resize", "anti-aliased resize", ("--resize", "antialias"), []),
+    ("weights", "class weights 0.5/0.5", (), ["--class-weights", "0.5", "0.5"]),
 )
 
 
-def make_data(raw, data, box, folds, seed, jobs):
+def data_folder(out, data_args):
+    """OUT/data_default, or OUT/data_box-slice etc. for a variant with its own make_data options."""
+    name = "-".join(a.lstrip("-") for a in data_args) or "default"
+    return os.path.join(out, "data_" + name)
+
+
+def make_data(raw, data, data_args, folds, seed, jobs):
     cmd = [sys.executable, "-m", "data_prep.make_data", "--raw", raw, "--data", data, "--folds", str(folds),
-           "--seed", str(seed), "--jobs", str(jobs), "--box", box, "--no-progress"]
+           "--seed", str(seed), "--jobs", str(jobs), "--no-progress"] + list(data_args)
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
 
@@ -73,7 +82,7 @@ def main(argv=None):
                                  "loss mean vs sum; same profile and seed; one table.")
     ap.add_argument("--raw", required=True, help="cohort folder (e.g. the demo's phantoms, runs/demo/raw)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--profile", default="fast", choices=sorted(paper.PROFILES))
+    ap.add_argument("--profile", default="fast", choices=sorted(profiles.PROFILES))
     ap.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
     ap.add_argument("--folds", type=int, default=paper.N_FOLDS)
     ap.add_argument("--seed", type=int, default=paper.SEED, help="fold and Caffe seed (default 0)")
@@ -88,16 +97,16 @@ def main(argv=None):
         raise SystemExit("error: cohort %s not found (make phantoms OUT=%s, or make demo)" % (a.raw, a.raw))
     chosen = [v for v in VARIANTS if not a.only or v[0] in a.only]
     datas = {}
-    for box in sorted({v[2] for v in chosen}):
-        datas[box] = os.path.join(out, "data_%s" % box)
-        make_data(raw, datas[box], box, a.folds, a.seed, a.jobs)
+    for data_args in sorted({v[2] for v in chosen}):
+        datas[data_args] = data_folder(out, data_args)
+        make_data(raw, datas[data_args], data_args, a.folds, a.seed, a.jobs)
     rows = []
-    for name, change, box, extra in chosen:
+    for name, change, data_args, extra in chosen:
         run = os.path.join(out, name)
-        seconds = train(datas[box], run, a.fold, a.profile, a.seed, extra + train_tool.passthrough(a), a.gpu)
+        seconds = train(datas[data_args], run, a.fold, a.profile, a.seed, extra + train_tool.passthrough(a), a.gpu)
         with open(os.path.join(run, "metrics.json")) as f:
             m = json.load(f)
-        rows.append({"variant": name, "change": change, "box": box, "options": extra,
+        rows.append({"variant": name, "change": change, "data_options": list(data_args), "options": extra,
                      "mean_dice_3d": m["mean_dice_3d"], "sd_dice_3d": m["sd_dice_3d"],
                      "mean_dice_2d": m["mean_dice_2d"], "mean_pixel_accuracy": m["mean_pixel_accuracy"],
                      "iterations": m["iterations"], "profile": m["profile"], "seconds": round(seconds, 1),

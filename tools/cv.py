@@ -23,6 +23,7 @@ import time
 import atomic
 import paper
 from tools import score
+from solver import profiles
 from tools import train as train_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,17 +105,26 @@ def summarize(folds, runs):
         with open(path) as f:
             m = json.load(f)
         profiles.add(m.get("profile"))
-        per = {pid: s["dice_3d"] for pid, s in m.get("per_patient", {}).items()}
+        pp = m.get("per_patient", {})
+        per = {pid: s["dice_3d"] for pid, s in pp.items()}
         all_patients.update(per)
         rows.append({"fold": k, "patients": len(per), "mean_dice_3d": m["mean_dice_3d"],
                      "sd_dice_3d": m["sd_dice_3d"], "iterations": m.get("iterations"),
                      "profile": m.get("profile"), "per_patient": per,
-                     "truth_pixels": {pid: s["truth"] for pid, s in m.get("per_patient", {}).items() if "truth" in s}})
+                     "ceiling_dice_3d": m.get("ceiling_dice_3d", float("nan")),
+                     "ceiling_per_patient": {pid: s["ceiling_dice_3d"] for pid, s in pp.items()
+                                             if "ceiling_dice_3d" in s},
+                     "mean_pred_ratio": m.get("mean_pred_ratio", float("nan")),
+                     "min_dice_3d": min(per.values()) if per else float("nan"),
+                     "truth_pixels": {pid: s["truth"] for pid, s in pp.items() if "truth" in s}})
     done = [r for r in rows if not r.get("missing")]
     fm, fs = score.mean_sd(r["mean_dice_3d"] for r in done)
     pm, ps = score.mean_sd(all_patients.values())
+    ceilings = [c for r in done for c in r["ceiling_per_patient"].values()]
     return {"profile": ",".join(sorted(p for p in profiles if p)), "folds": rows,
             "mean_over_folds": fm, "sd_over_folds": fs, "mean_over_patients": pm, "sd_over_patients": ps,
+            "ceiling_over_patients": score.mean_sd(ceilings)[0],
+            "min_over_patients": min(all_patients.values()) if all_patients else float("nan"),
             "patients": len(all_patients), "report_val_dice_3d": paper.REPORT_VAL_DICE_3D}
 
 
@@ -146,24 +156,33 @@ def tumor_volumes_ml(table, data_dir):
 def size_figure(table, volumes, png):
     """3D Dice against tumor volume, one colour per fold (tools/figures.dice_vs_size)."""
     from tools import figures
-    points = [(volumes[pid], d, "fold %d" % r["fold"]) for r in table["folds"] if not r.get("missing")
+    done = [r for r in table["folds"] if not r.get("missing")]
+    points = [(volumes[pid], d, "fold %d" % r["fold"]) for r in done
               for pid, d in r["per_patient"].items() if pid in volumes]
+    ceilings = [(volumes[pid], c) for r in done for pid, c in r["ceiling_per_patient"].items() if pid in volumes]
     return figures.dice_vs_size(png, points, "Cross-validation: 3D Dice against tumor volume [%s]"
-                                % table["profile"])
+                                % table["profile"], ceilings)
 
 
 def markdown(table):
     lines = ["# Cross-validation: 3D Dice per fold (profile %s)" % table["profile"], "",
-             "| fold | patients | 3D Dice mean ± sd | iterations |", "|---|---|---|---|"]
+             "The ceiling is the mean of the fold's per-patient resolution ceilings (tools/ceiling.py): what the "
+             "net's 15x15 output could reach. pred/true: predicted over true tumor pixels (mean over patients).", "",
+             "| fold | patients | 3D Dice mean ± sd | lowest patient | ceiling | % of ceiling | pred/true | iterations |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table["folds"]:
         if r.get("missing"):
-            lines.append("| %d | – | missing | – |" % r["fold"])
+            lines.append("| %d | – | missing | – | – | – | – | – |" % r["fold"])
         else:
-            lines.append("| %d | %d | %.3f ± %.3f | %s |" % (r["fold"], r["patients"], r["mean_dice_3d"],
-                                                            r["sd_dice_3d"], r["iterations"]))
-    lines += ["", "Over folds: **%.3f ± %.3f**; over all %d patients: %.3f ± %.3f (report, one fold: %.2f)."
+            lines.append("| %d | %d | %.3f ± %.3f | %.3f | %.3f | %.0f %% | %.2f | %s |" % (
+                r["fold"], r["patients"], r["mean_dice_3d"], r["sd_dice_3d"], r["min_dice_3d"],
+                r["ceiling_dice_3d"], 100 * r["mean_dice_3d"] / r["ceiling_dice_3d"], r["mean_pred_ratio"],
+                r["iterations"]))
+    lines += ["", "Over folds: **%.3f ± %.3f**; over all %d patients: %.3f ± %.3f, lowest %.3f; their mean ceiling "
+              "%.3f (report, one fold: %.2f)."
               % (table["mean_over_folds"], table["sd_over_folds"], table["patients"],
-                 table["mean_over_patients"], table["sd_over_patients"], table["report_val_dice_3d"]), ""]
+                 table["mean_over_patients"], table["sd_over_patients"], table["min_over_patients"],
+                 table["ceiling_over_patients"], table["report_val_dice_3d"]), ""]
     return "\n".join(lines)
 
 
@@ -172,7 +191,7 @@ def main(argv=None):
                                  "or one per GPU with --gpus), then the table of 3D Dice per fold.")
     ap.add_argument("--data", required=True, help="DATA folder (make data)")
     ap.add_argument("--folds", type=int, default=paper.N_FOLDS, help="number of folds (default 5)")
-    ap.add_argument("--profile", default=paper.DEFAULT_PROFILE, choices=sorted(paper.PROFILES))
+    ap.add_argument("--profile", default=profiles.DEFAULT_PROFILE, choices=sorted(profiles.PROFILES))
     ap.add_argument("--gpus", help="comma-separated GPU ids: one fold per GPU at a time")
     ap.add_argument("--weights", help="pretrained caffemodel for tools/train.py --weights")
     ap.add_argument("--runs", default="runs/cv", help="folder of the fold runs (default runs/cv)")

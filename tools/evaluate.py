@@ -6,9 +6,10 @@ validation):
      images>` with cwd DATA/fold<k> (the val net's HDF5 list is relative to it) and reads the
      DiceCounts tops it prints: their means give the pooled Dice over all validation slices;
   2. the evaluator: a deploy net (same crop mode as the run) forwards the un-augmented validation
-     slices in batches; tumor = probability > 0.5 (= argmax); per-patient 3D Dice, per-slice 2D Dice,
-     pixel accuracy, mean ± sd over patients (tools/score.py) -> RUN/metrics.json (merged) and
-     RUN/per_patient.csv;
+     slices in batches; tumor by the run's decision rule (tools/score.py: argmax, the report's, unless the
+     run or --decision says prior); per-patient 3D Dice, per-slice 2D Dice, pixel accuracy, precision,
+     recall, predicted/true pixels, and each patient's resolution ceiling (tools/ceiling.py), mean ± sd over
+     patients -> RUN/metrics.json (merged) and RUN/per_patient.csv;
   3. figures in RUN/figures/ (tools/figures.py): Figs. 6/8/9 panels for the best, median and worst
      patients, Fig. 7 (15x15 tumor score -> upsampled -> probability), Fig. 5, a 2D-Dice histogram.
 
@@ -32,11 +33,10 @@ import numpy as np  # noqa: E402
 
 import atomic  # noqa: E402
 import paper  # noqa: E402
+from prototxt.net import DICE_TOPS  # noqa: E402
 from tools import score  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DICE_TOPS = ("dice_intersection", "dice_predicted", "dice_truth")
-THRESHOLD = 0.5    # tumor probability above which a pixel is tumor (two classes: = argmax)
 
 
 # --- device ---------------------------------------------------------------------------------------
@@ -147,27 +147,29 @@ def forward(net, data, blobs=("prob",)):
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
-def tumor_probability(net, data):
-    """Tumor probability N x H x W of the deploy net's softmax."""
-    return forward(net, data, ("prob",))["prob"][:, paper.TUMOR]
-
-
-def validate(net, patients, loss=None):
-    """{pseudonym: tools.score.patient_scores} of thresholded predictions, and the cohort summary.
-    With `loss` = (class weights, normalize), the summary also has `val_loss`: the training objective
-    (layers/weighted_loss.py) of the net's scores, averaged over the validation images."""
+def validate(net, patients, loss=None, threshold=0.5, alt_threshold=None):
+    """{pseudonym: tools.score.patient_scores} of the predictions (tumor probability > threshold,
+    tools/score.py's rule), and the cohort summary. With `loss` = (class weights, normalize), the summary
+    also has `val_loss`: the training objective (layers/weighted_loss.py) of the net's scores, averaged over
+    the validation images. With `alt_threshold`, also `alt_mean_dice_3d`: the mean 3D Dice under that
+    threshold (the other decision rule), from the same forward pass."""
     import weighted_loss
-    per, losses = {}, []
+    per, alt, losses = {}, {}, []
     blobs = ("prob", "score_crop") if loss else ("prob",)
     for pid, data, label, _ in patients:
         out = forward(net, data, blobs)
-        per[pid] = score.patient_scores(out["prob"][:, paper.TUMOR] > THRESHOLD, label)
+        prob = out["prob"][:, paper.TUMOR]
+        per[pid] = score.patient_scores(score.predict(prob, threshold), label)
+        if alt_threshold is not None:
+            alt[pid] = score.dice_3d(score.predict(prob, alt_threshold), label)
         if loss:
             losses += [weighted_loss.weighted_loss(s[None], y[None, None], *loss)[0]
                        for s, y in zip(out["score_crop"], label)]
     summary = score.cohort_summary(per)
     if loss:
         summary["val_loss"] = float(np.mean(losses))
+    if alt:
+        summary["alt_mean_dice_3d"] = score.mean_sd(alt.values())[0]
     return per, summary
 
 
@@ -211,29 +213,48 @@ def caffe_test(val_prototxt, weights, iterations, cwd, gpu=None):
 
 
 # --- outputs --------------------------------------------------------------------------------------
+def add_ceilings(per, summary, patients, crop_mode):
+    """Each patient's resolution ceiling (tools/ceiling.py) into per[pid]["ceiling_dice_3d"], their mean into
+    summary["ceiling_dice_3d"]."""
+    from prototxt import net as netdef
+    from tools import ceiling
+    ceilings = ceiling.fold_ceilings(patients, netdef.crop_offset(crop_mode))
+    for pid, c in ceilings.items():
+        per[pid]["ceiling_dice_3d"] = c
+    summary["ceiling_dice_3d"] = score.mean_sd(ceilings.values())[0]
+
+
+CSV_COLUMNS = ("slices", "dice_3d", "ceiling_dice_3d", "dice_2d_mean", "pixel_accuracy", "precision", "recall",
+               "pred_ratio", "intersection", "predicted", "truth")
+
+
 def per_patient_csv(path, per, profile):
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["patient", "slices", "dice_3d", "dice_2d_mean", "pixel_accuracy", "intersection",
-                "predicted", "truth", "profile"])
+    w.writerow(("patient",) + CSV_COLUMNS + ("profile",))
     for pid in sorted(per):
         s = per[pid]
-        w.writerow([pid, s["slices"], "%.4f" % s["dice_3d"], "%.4f" % s["dice_2d_mean"],
-                    "%.5f" % s["pixel_accuracy"], s["intersection"], s["predicted"], s["truth"], profile])
+        w.writerow([pid] + [("%.5f" % s[k]) if isinstance(s[k], float) else s[k] for k in CSV_COLUMNS] + [profile])
     atomic.write_text(path, buf.getvalue())
 
 
 def table(per, summary):
-    """The per-patient 3D Dice table as text."""
-    lines = ["%-8s %6s %8s %8s %9s" % ("patient", "slices", "3D Dice", "2D mean", "accuracy")]
+    """The per-patient table as text: 3D Dice beside its ceiling, then calibration."""
+    lines = ["%-8s %6s %8s %8s %8s %9s %7s %8s" % ("patient", "slices", "3D Dice", "ceiling", "2D mean",
+                                                   "precision", "recall", "pred/true")]
     for pid in sorted(per):
         s = per[pid]
-        lines.append("%-8s %6d %8.3f %8.3f %9.4f" % (pid, s["slices"], s["dice_3d"], s["dice_2d_mean"],
-                                                     s["pixel_accuracy"]))
-    lines.append("mean 3D Dice %.3f ± %.3f over %d patients (2D Dice %.3f ± %.3f over %d slices; "
-                 "pixel accuracy %.4f)" % (summary["mean_dice_3d"], summary["sd_dice_3d"], summary["patients"],
-                                           summary["mean_dice_2d"], summary["sd_dice_2d"], summary["slices"],
-                                           summary["mean_pixel_accuracy"]))
+        lines.append("%-8s %6d %8.3f %8.3f %8.3f %9.3f %7.3f %8.2f" % (
+            pid, s["slices"], s["dice_3d"], s.get("ceiling_dice_3d", float("nan")), s["dice_2d_mean"],
+            s["precision"], s["recall"], s["pred_ratio"]))
+    lines.append("mean 3D Dice %.3f ± %.3f over %d patients, %.0f%% of their mean ceiling %.3f (2D Dice %.3f ± %.3f "
+                 "over %d slices; pixel accuracy %.4f; precision %.3f, recall %.3f, predicted/true %.2f)"
+                 % (summary["mean_dice_3d"], summary["sd_dice_3d"], summary["patients"],
+                    100 * summary["mean_dice_3d"] / summary.get("ceiling_dice_3d", float("nan")),
+                    summary.get("ceiling_dice_3d", float("nan")),
+                    summary["mean_dice_2d"], summary["sd_dice_2d"], summary["slices"],
+                    summary["mean_pixel_accuracy"], summary["mean_precision"], summary["mean_recall"],
+                    summary["mean_pred_ratio"]))
     return "\n".join(lines)
 
 
@@ -243,7 +264,7 @@ def ranked(per):
     return ids[0], ids[len(ids) // 2], ids[-1]
 
 
-def make_figures(run, net, patients, per, profile):
+def make_figures(run, net, patients, per, profile, threshold=0.5, ceiling=None):
     """Figs. 5-9 and the 2D-Dice histogram into RUN/figures; returns the paths written."""
     from tools import figures
     out = os.path.join(run, "figures")
@@ -254,9 +275,10 @@ def make_figures(run, net, patients, per, profile):
         i = int(np.argmax(label.reshape(len(label), -1).sum(1)))    # the slice with most tumor
         blobs = forward(net, data[i:i + 1], ("score", "score_crop", "prob"))
         prob = blobs["prob"][0, paper.TUMOR]
-        d2 = score.dice(prob > THRESHOLD, label[i])
+        pred = score.predict(prob, threshold)
+        d2 = score.dice(pred, label[i])
         path = os.path.join(out, "fig_panels_%s.png" % role)
-        figures.panels(path, data[i], prob, prob > THRESHOLD, label[i],
+        figures.panels(path, data[i], prob, pred, label[i],
                        "%s patient %s, slice %d: 2D Dice %.3f (patient 3D Dice %.3f) [%s]"
                        % (role, pid, int(slices[i]), d2, per[pid]["dice_3d"], profile))
         written.append(path)
@@ -272,13 +294,15 @@ def make_figures(run, net, patients, per, profile):
     log = os.path.join(run, "train_log.csv")
     if os.path.exists(log):
         path = os.path.join(out, "fig5_val_dice.png")
-        figures.fig5(path, log, run_info(run).get("epoch"), profile)
+        figures.fig5(path, log, run_info(run).get("epoch"), profile, ceiling)
         written.append(path)
     return written
 
 
-def evaluate(data_dir, fold, run, snapshot=None, gpu=None, batch=8, figures=True, run_caffe_test=True):
-    """The whole of `make eval`; returns the merged metrics dict."""
+def evaluate(data_dir, fold, run, snapshot=None, gpu=None, batch=8, figures=True, run_caffe_test=True,
+             decision=None):
+    """The whole of `make eval`; returns the merged metrics dict. decision: the rule (tools/score.py),
+    default the run's."""
     import caffe  # noqa: F401  (after GLOG_minloglevel is set)
     from prototxt import net as netdef
     run = os.path.abspath(run)
@@ -297,6 +321,11 @@ def evaluate(data_dir, fold, run, snapshot=None, gpu=None, batch=8, figures=True
         netdef.write(val_proto, split="val", **net_kw)
     if not os.path.exists(deploy_proto):
         netdef.write(deploy_proto, split="deploy", **net_kw)
+    decision = decision or info.get("decision", score.DEFAULT_DECISION)
+    threshold = score.tumor_threshold(decision, info.get("class_weights", paper.CLASS_WEIGHTS))
+    if abs(net_kw.get("tumor_threshold", 0.5) - threshold) > 1e-9:     # another rule than the run's
+        val_proto = netdef.write(os.path.join(run, "val_%s.prototxt" % decision), split="val",
+                                 **dict(net_kw, tumor_threshold=threshold))
     patients = load_patients(data_dir, fold)
     n_images = sum(len(p[1]) for p in patients)
     result = {"profile": profile, "fold": fold, "snapshot": os.path.relpath(snapshot, run), "mode": mode}
@@ -307,7 +336,9 @@ def evaluate(data_dir, fold, run, snapshot=None, gpu=None, batch=8, figures=True
               % (", ".join("%s = %.4g" % kv for kv in sorted(means.items())), n_images, pooled, time.time() - t0))
         result["caffe_test"] = dict(means, pooled_dice=pooled, iterations=n_images)
     net = deploy_net(deploy_proto, snapshot, batch)
-    per, summary = validate(net, patients)
+    per, summary = validate(net, patients, threshold=threshold)
+    add_ceilings(per, summary, patients, net_kw.get("crop_mode", paper.DEFAULT_CROP_MODE))
+    summary.update(decision=decision, tumor_threshold=threshold)
     result.update(summary)
     result["per_patient"] = {pid: {k: v for k, v in s.items() if k != "dice_2d"} for pid, s in per.items()}
     result["dice_2d"] = {pid: s["dice_2d"] for pid, s in per.items()}
@@ -315,7 +346,7 @@ def evaluate(data_dir, fold, run, snapshot=None, gpu=None, batch=8, figures=True
     per_patient_csv(os.path.join(run, "per_patient.csv"), per, profile)
     print(table(per, summary))
     if figures:
-        for path in make_figures(run, net, patients, per, profile):
+        for path in make_figures(run, net, patients, per, profile, threshold, summary["ceiling_dice_3d"]):
             print("figure: %s" % path)
     return metrics
 
@@ -332,8 +363,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="images per forward (default 8)")
     ap.add_argument("--no-figures", action="store_true", help="skip the figures")
     ap.add_argument("--no-caffe-test", action="store_true", help="skip the `caffe test` step")
+    ap.add_argument("--decision", choices=score.DECISIONS, help="how a pixel is called tumor (default the run's; "
+                    "argmax is the report's)")
     a = ap.parse_args(argv)
-    evaluate(a.data, a.fold, a.run, a.snapshot, a.gpu, a.batch, not a.no_figures, not a.no_caffe_test)
+    evaluate(a.data, a.fold, a.run, a.snapshot, a.gpu, a.batch, not a.no_figures, not a.no_caffe_test, a.decision)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@
 Inputs are network arrays: image 3 x H x W (mean-subtracted, data_prep.intensity.net_to_display
 turns it back to grey), probabilities and masks H x W.
 """
-import csv
 import os
 
 import matplotlib
@@ -22,7 +21,7 @@ import numpy as np  # noqa: E402
 
 import atomic  # noqa: E402
 import paper  # noqa: E402
-from tools import score  # noqa: E402
+from tools import score, train_log  # noqa: E402
 
 DPI = 110
 
@@ -40,33 +39,31 @@ def display_image(image_chw):
     return intensity.net_to_display(image_chw)
 
 
-def read_log(csv_path):
-    """Rows of RUN/train_log.csv as dicts of floats (empty cells -> nan)."""
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for r in rows:
-        out.append({k: (float(v) if v not in ("", None) else float("nan")) for k, v in r.items()})
-    return out
+def fig5_curves(csv_path):
+    """What Fig. 5 draws from a train_log.csv: (iterations, {patient: 3D Dice per point}, mean 3D Dice per
+    point), over the rows that have a validation."""
+    rows = [r for r in train_log.read(csv_path) if not np.isnan(r.get("val_mean_dice_3d", float("nan")))]
+    patients = train_log.patient_columns(rows)
+    return ([r["iteration"] for r in rows], {k: [r[k] for r in rows] for k in patients},
+            [r["val_mean_dice_3d"] for r in rows])
 
 
-def fig5(png, csv_path, epoch=None, profile=""):
-    """Validation mean 3D Dice against iterations (the report's Fig. 5)."""
-    rows = [r for r in read_log(csv_path) if not np.isnan(r.get("val_mean_dice_3d", float("nan")))]
+def fig5(png, csv_path, epoch=None, profile="", ceiling=None):
+    """Validation mean 3D Dice against iterations (the report's Fig. 5), with the per-patient curves faint
+    behind it and, given `ceiling` (the fold's mean resolution ceiling, tools/ceiling.py), a line at it."""
+    it, patients, mean = fig5_curves(csv_path)
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    if rows:
-        it = np.array([r["iteration"] for r in rows])
-        patients = [k for k in rows[0] if k not in ("iteration", "lr", "train_loss", "val_mean_dice_3d")]
-        for k in patients:
-            ax.plot(it, [r[k] for r in rows], color="0.75", lw=0.8)
-        ax.plot(it, [r["val_mean_dice_3d"] for r in rows], "o-", color="C0", lw=2, label="mean 3D Dice")
+    if it:
+        for k, ys in patients.items():
+            ax.plot(it, ys, color="0.75", lw=0.8)
+        ax.plot(it, mean, "o-", color="C0", lw=2, label="mean 3D Dice")
         if patients:
             ax.plot([], [], color="0.75", lw=0.8, label="per patient")
-        last = rows[-1]
-        ax.set_title("Validation 3D Dice: %.3f at iteration %d [%s]" % (last["val_mean_dice_3d"],
-                                                                         last["iteration"], profile))
+        ax.set_title("Validation 3D Dice: %.3f at iteration %d [%s]" % (mean[-1], it[-1], profile))
         ax.axhline(paper.REPORT_VAL_DICE_3D, color="C3", ls="--", lw=1,
                    label="report, after 5 epochs (%.2f)" % paper.REPORT_VAL_DICE_3D)
+        if ceiling is not None:
+            ax.axhline(ceiling, color="C2", ls=":", lw=1.5, label="resolution ceiling (%.3f)" % ceiling)
         ax.legend(loc="lower right", fontsize=8)
     else:
         ax.set_title("Validation 3D Dice: no validation yet [%s]" % profile)
@@ -74,7 +71,7 @@ def fig5(png, csv_path, epoch=None, profile=""):
     ax.set_ylabel("mean validation 3D Dice")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    if epoch and rows:
+    if epoch and it:
         sec = ax.secondary_xaxis("top", functions=(lambda x: x * paper.VALIDATIONS_PER_EPOCH / float(epoch),
                                                    lambda x: x * float(epoch) / paper.VALIDATIONS_PER_EPOCH))
         sec.set_xlabel("1/%d epochs (the report's x axis)" % paper.VALIDATIONS_PER_EPOCH)
@@ -169,9 +166,13 @@ def dice_groups(png, groups, title="", xlabel=""):
     return _save(fig, png)
 
 
-def dice_vs_size(png, points, title=""):
-    """points = [(tumor volume ml, 3D Dice, group label)]: a scatter on a log volume axis, one colour per group."""
+def dice_vs_size(png, points, title="", ceilings=()):
+    """points = [(tumor volume ml, 3D Dice, group label)]: a scatter on a log volume axis, one colour per group;
+    ceilings = [(tumor volume ml, ceiling 3D Dice)]: each patient's resolution ceiling as a grey bar."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    if len(ceilings):
+        xy = np.array(list(ceilings), dtype=float)
+        ax.plot(xy[:, 0], xy[:, 1], "_", color="0.35", ms=12, mew=2, label="resolution ceiling")
     labels = sorted({p[2] for p in points})
     for i, label in enumerate(labels):
         xy = np.array([(p[0], p[1]) for p in points if p[2] == label], dtype=float)
@@ -186,4 +187,22 @@ def dice_vs_size(png, points, title=""):
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
+    return _save(fig, png)
+
+
+def curves(png, series, title="", ceiling=None):
+    """series = [(label, iterations, mean 3D Dice)]: validation curves of several runs on one axis, the
+    resolution ceiling dotted and the report's validation Dice dashed."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (label, it, dice) in enumerate(series):
+        ax.plot(it, dice, "o-", ms=3, lw=1.2, color="C%d" % (i % 10), ls="-" if i < 10 else "--", label=label)
+    ax.axhline(paper.REPORT_VAL_DICE_3D, color="C3", ls="--", lw=1, label="report (%.2f)" % paper.REPORT_VAL_DICE_3D)
+    if ceiling is not None:
+        ax.axhline(ceiling, color="0.3", ls=":", lw=1.5, label="resolution ceiling (%.3f)" % ceiling)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean validation 3D Dice")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
     return _save(fig, png)

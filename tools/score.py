@@ -11,10 +11,38 @@ patient is. Pixel accuracy is the fraction of pixels whose predicted class equal
 
 Masks are anything numpy turns into arrays of the same shape; nonzero is tumor. Per-slice arrays
 are (N, H, W) (or (H, W) for one slice).
+
+The decision rule (how a pixel is called tumor) lives here too: `tumor_threshold` turns a rule into
+the tumor probability above which a pixel is tumor, `predict` applies it. "argmax" is the report's
+(paper.DECISION_RULE: probability > 0.5 for two classes); "prior" undoes the prior shift of class weights
+(w_bg, w_tumor): a net trained with them estimates p' = w_t p / (w_t p + w_bg (1 - p)), so p > 0.5 is
+p' > w_t / (w_t + w_bg) (0.96 for the report's weights).
+
+Calibration per patient: precision |A∩B|/|A|, recall |A∩B|/|B|, and pred_ratio |A|/|B| (predicted over
+true tumor pixels; above 1 over-segments).
 """
 import numpy as np
 
+import paper
+
 EMPTY_DICE = 1.0   # both prediction and truth empty: perfect agreement
+DECISIONS = ("argmax", "prior")
+DEFAULT_DECISION = paper.DECISION_RULE
+
+
+def tumor_threshold(decision=DEFAULT_DECISION, class_weights=paper.CLASS_WEIGHTS):
+    """The tumor probability above which a pixel is tumor under `decision`."""
+    if decision == "argmax":
+        return 0.5
+    if decision == "prior":
+        w_bg, w_tumor = (float(w) for w in class_weights)
+        return w_tumor / (w_tumor + w_bg)
+    raise ValueError("decision %r not in %s" % (decision, DECISIONS))
+
+
+def predict(prob_tumor, threshold=0.5):
+    """The tumor mask of tumor probabilities: prob > threshold (at 0.5 this is argmax of two classes)."""
+    return np.asarray(prob_tumor) > threshold
 
 
 def counts(pred, truth):
@@ -79,11 +107,17 @@ def mean_sd(values):
     return float(v.mean()), sd
 
 
+def ratio(num, den):
+    """num / den as a float, nan when den is 0."""
+    return float(num) / den if den else float("nan")
+
+
 def patient_scores(pred, truth):
     """Every score of one patient's (N, H, W) masks, as a JSON-ready dict."""
     inter, p, t = counts(pred, truth)
     d2 = dice_2d(pred, truth)
     return {
+        "precision": ratio(inter, p), "recall": ratio(inter, t), "pred_ratio": ratio(p, t),
         "dice_3d": dice_from_counts(inter, p, t),
         "dice_2d_mean": float(d2.mean()) if d2.size else float("nan"),
         "dice_2d": [float(x) for x in d2],
@@ -91,6 +125,13 @@ def patient_scores(pred, truth):
         "slices": int(len(d2)),
         "intersection": inter, "predicted": p, "truth": t,
     }
+
+
+def nanmean(values):
+    """Mean of the values that are not nan; nan when none is."""
+    v = np.asarray(list(values), dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else float("nan")
 
 
 def cohort_summary(per_patient):
@@ -104,7 +145,9 @@ def cohort_summary(per_patient):
     pooled = dice_from_counts(sum(per_patient[i]["intersection"] for i in ids),
                               sum(per_patient[i]["predicted"] for i in ids),
                               sum(per_patient[i]["truth"] for i in ids))
-    return {"mean_dice_3d": mean3, "sd_dice_3d": sd3,
+    # precision is undefined (nan) for a patient with no predicted tumor: the mean leaves such patients out
+    calibration = {"mean_" + k: nanmean(per_patient[i][k] for i in ids) for k in ("precision", "recall", "pred_ratio")}
+    return {"mean_dice_3d": mean3, "sd_dice_3d": sd3, **calibration,
             "mean_dice_2d": mean2, "sd_dice_2d": sd2,
             "mean_pixel_accuracy": acc_mean, "sd_pixel_accuracy": acc_sd,
             "pooled_dice": pooled, "patients": len(ids), "slices": len(all2d)}

@@ -8,7 +8,7 @@ It owns the run folder RUN (other tools read it):
   train_log.csv       iteration, lr, train_loss (mean since the previous row), val_mean_dice_3d,
                       then one column per validation patient (pseudonyms)
   figures/fig5_val_dice.png   redrawn after every validation
-  final.caffemodel    the last snapshot (copied atomically at the end)
+  final.caffemodel    the last snapshot, or with --average its averaged weights (copied atomically at the end)
   metrics.json        mean_dice_3d, sd_dice_3d, per_patient, profile, iterations, ...
 
 Caffe runs with cwd = DATA/fold<k> (the HDF5 lists hold paths relative to it). Weights: with a
@@ -23,9 +23,8 @@ CLI: python3 tools/train.py --fold K --data DATA --run RUN [--profile paper|fast
      [--gpu ID] [--crop center|aligned] [--loss-normalize|--loss-sum] [--class-weights BG TUMOR] [--seed S]
 """
 import argparse
-import csv
+import contextlib
 import glob
-import io
 import os
 import re
 import shlex
@@ -41,12 +40,12 @@ from tqdm import tqdm  # noqa: E402
 
 import atomic  # noqa: E402
 import paper  # noqa: E402
-from solver import make_solver  # noqa: E402
-from tools import evaluate  # noqa: E402
+from solver import make_solver, profiles  # noqa: E402
+from tools import evaluate, score  # noqa: E402
+from tools.train_log import TrainLog  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAPSHOT_NAME = "ts_fcn"
-FIXED_COLUMNS = ("iteration", "lr", "train_loss", "val_mean_dice_3d", "val_loss")
 
 
 def log(msg):
@@ -70,34 +69,24 @@ def latest_solverstate(run):
     return max(states, key=snapshot_iteration) if states else None
 
 
-def take_snapshot(solver, run):
-    """solver.snapshot() unless this iteration's files exist; returns the caffemodel path."""
+def average_path(run, iteration):
+    """The averaged weights (tools/averaging.py) saved beside the snapshot of `iteration`."""
+    return "%s_iter_%d.average.caffemodel" % (snapshot_prefix(run), iteration)
+
+
+def take_snapshot(solver, run, average=None):
+    """solver.snapshot() unless this iteration's files exist (and the averaged weights beside it); returns the
+    caffemodel path of the weights the run stands for (the average when there is one)."""
     model = "%s_iter_%d.caffemodel" % (snapshot_prefix(run), solver.iter)
     if not (os.path.exists(model) and os.path.exists(model[:-len(".caffemodel")] + ".solverstate")):
         solver.snapshot()
-    return model
-
-
-# --- the log --------------------------------------------------------------------------------------
-class TrainLog:
-    """RUN/train_log.csv, rewritten atomically after each row; on resume rows past the restored
-    iteration are dropped (they belong to the lost part of the run)."""
-
-    def __init__(self, path, patients, resume_iter=None):
-        self.path = path
-        self.columns = list(FIXED_COLUMNS) + list(patients)
-        self.rows = []
-        if resume_iter is not None and os.path.exists(path):
-            with open(path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(float(r["iteration"])) <= resume_iter]
-
-    def add(self, **row):
-        self.rows.append({k: ("" if row.get(k) is None else row[k]) for k in self.columns})
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, self.columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(self.rows)
-        atomic.write_text(self.path, buf.getvalue())
+    if average is None:
+        return model
+    path = average_path(run, solver.iter)
+    if not os.path.exists(path):
+        with atomic.atomic_path(path) as tmp:
+            average.save(tmp)
+    return path
 
 
 # --- weights --------------------------------------------------------------------------------------
@@ -116,7 +105,7 @@ def default_weights():
 def init_weights(solver, profile, weights_arg, run):
     """Transplant conv1_1..conv3_2 (tools/surgery.py) from --weights, or with a pretrained profile from
     the `make weights` download when present; otherwise keep the MSRA fillers. Returns a note."""
-    pretrained = make_solver.profile_settings(profile)["pretrained"]
+    pretrained = profiles.settings(profile)["pretrained"]
     model = None
     if weights_arg:
         model = os.path.abspath(weights_arg)
@@ -163,6 +152,29 @@ class Stop:
             signal.signal(s, h)
 
 
+# Training options a profile sets and the command line may override: (option, profile key).
+PROFILE_OPTIONS = (("base_lr", "base_lr"), ("lr_policy", "lr_policy"), ("power", "power"),
+                   ("iter_size", "iter_size"), ("batch_size", "batch_size"), ("dropout", "dropout"),
+                   ("class_weights", "class_weights"), ("momentum2", "momentum2"),
+                   ("pretrained_lr_mult", "pretrained_lr_mult"), ("average", "average"), ("decision", "decision"))
+# Net options recorded in run.json only when they differ from the report (old run.json stay valid).
+NET_DEFAULTS = {"class_weights": list(paper.CLASS_WEIGHTS), "dropout": paper.DROPOUT_RATIO,
+                "batch_size": paper.BATCH_SIZE, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT}
+
+
+def recipe(a):
+    """The run's profile settings (solver/profiles.py) with the command line's overrides."""
+    p = profiles.settings(a.profile)
+    for opt, key in PROFILE_OPTIONS:
+        value = getattr(a, opt, None)
+        if value is not None:
+            p[key] = value
+    if p["lr_policy"] == "poly" and p["power"] is None:
+        raise SystemExit("error: --lr-policy poly needs --power")
+    p["class_weights"] = [float(w) for w in p["class_weights"]]
+    return p
+
+
 def prepare(a):
     """Write run.json, the nets and the solver; returns (run_info, solver_param)."""
     from prototxt import net as netdef
@@ -172,34 +184,39 @@ def prepare(a):
     if not os.path.exists(os.path.join(fold_dir, "train.txt")):
         raise SystemExit("error: %s/train.txt not found; make the data first (make data)" % fold_dir)
     os.makedirs(os.path.join(run, "snapshots"), exist_ok=True)
+    p = recipe(a)
     net_kw = {"crop_mode": a.crop, "normalize": a.loss_normalize}
-    if tuple(a.class_weights) != paper.CLASS_WEIGHTS:   # recorded only when changed (old run.json stay valid)
-        net_kw["class_weights"] = [float(w) for w in a.class_weights]
+    for key, default in NET_DEFAULTS.items():
+        if p[key] != default:
+            net_kw[key] = p[key]
     if a.fc_channels:
         net_kw["fc_channels"] = a.fc_channels
+    if p["decision"] != score.DEFAULT_DECISION:      # caffe test's DiceCounts counts under the run's rule
+        net_kw["tumor_threshold"] = score.tumor_threshold(p["decision"], p["class_weights"])
     for split in ("train", "val", "deploy"):
         netdef.write(os.path.join(run, split + ".prototxt"), split=split, **net_kw)
-    epoch = make_solver.epoch_size(data, a.fold)
-    max_iter, stepsize, snap, validate_every = make_solver.schedule(epoch, a.profile)
+    epoch = make_solver.epoch_size(data, a.fold, p["batch_size"] * p["iter_size"])
     if a.max_iter:
-        max_iter = a.max_iter
+        p["max_iter"] = a.max_iter
     if a.validate_every:
-        validate_every = a.validate_every
-    s = make_solver.solver_parameter(os.path.join(run, "train.prototxt"), epoch, snapshot_prefix(run),
-                                     a.profile, gpu=a.gpu is not None, seed=a.seed, max_iter=max_iter,
-                                     display=a.display)
+        p["validate_every"] = a.validate_every
     if a.snapshot_every:
-        s.snapshot = a.snapshot_every
-    if a.base_lr:
-        s.base_lr = a.base_lr
+        p["snapshot"] = a.snapshot_every
+    max_iter, stepsize, snap, validate_every = make_solver.schedule(epoch, p)
+    s = make_solver.solver_parameter(os.path.join(run, "train.prototxt"), epoch, snapshot_prefix(run),
+                                     p, gpu=a.gpu is not None, seed=a.seed, max_iter=max_iter,
+                                     display=a.display)
     make_solver.write(os.path.join(run, "solver.prototxt"), s,
                       "# profile %s, fold %d, epoch %d iterations; caffe runs with cwd %s"
                       % (a.profile, a.fold, epoch, fold_dir))
     info = {"profile": a.profile, "fold": a.fold, "data": data, "net": net_kw, "epoch": epoch,
             "max_iter": int(s.max_iter), "stepsize": int(s.stepsize), "snapshot": int(s.snapshot),
-            "validate_every": int(validate_every), "base_lr": s.base_lr, "seed": a.seed}
+            "validate_every": int(validate_every), "base_lr": s.base_lr, "seed": a.seed,
+            "lr_policy": s.lr_policy, "iter_size": int(p["iter_size"]), "decision": p["decision"],
+            "class_weights": p["class_weights"], "average": p["average"],
+            "command": " ".join(shlex.quote(x) for x in ["tools/train.py"] + list(getattr(a, "argv", None) or []))}
     old = evaluate.run_info(run)
-    if old and old.get("net") != net_kw and latest_solverstate(run):
+    if old and old.get("net") != net_kw and latest_solverstate(run) and not a.restart:
         raise SystemExit("error: %s holds a run with net options %s, not %s; use another --run"
                          % (run, old.get("net"), net_kw))
     atomic.write_json(os.path.join(run, "run.json"), info)
@@ -242,23 +259,45 @@ def train(a):
         finally:
             os.chdir(cwd)
     start = solver.iter
+    average = None
+    if info.get("average"):
+        from tools import averaging
+        average = averaging.WeightAverage(solver.net, info["average"], updates=solver.iter)
+        if state and os.path.exists(average_path(run, solver.iter)):
+            average.load(average_path(run, solver.iter))
+        init += "; weights averaged (EMA %g)" % info["average"]
+    t_start = time.time()
     tlog = TrainLog(os.path.join(run, "train_log.csv"), ids, resume_iter=start if state else None)
+    threshold = score.tumor_threshold(info["decision"], info["class_weights"])
+    other = [d for d in score.DECISIONS if d != info["decision"]][0]
+    alt_threshold = score.tumor_threshold(other, info["class_weights"])
     val_net = evaluate.deploy_net(os.path.join(run, "deploy.prototxt"), batch=a.val_batch)
     val_net.share_with(solver.net)
-    log("train fold %d [%s, %s]: %s; epoch %d it, max_iter %d, lr %.3g x %.2f every %d it, validation "
-        "every %d it on %d patients / %d slices; run %s"
-        % (a.fold, a.profile, mode, init, info["epoch"], sp.max_iter, sp.base_lr, sp.gamma, sp.stepsize,
-           info["validate_every"], len(ids), n_val, run))
+    ceilings = {}
+    evaluate.add_ceilings({pid: {} for pid in ids}, ceilings, patients, a.crop)
+    schedule = ("x %.2f every %d it" % (sp.gamma, sp.stepsize) if sp.lr_policy == "step"
+                else "poly power %g" % sp.power)
+    log("train fold %d [%s, %s]: %s; epoch %d it, max_iter %d, lr %.3g %s, %s, validation every %d it on %d "
+        "patients / %d slices (mean resolution ceiling %.3f); run %s"
+        % (a.fold, a.profile, mode, init, info["epoch"], sp.max_iter, sp.base_lr, schedule, info["decision"],
+           info["validate_every"], len(ids), n_val, ceilings["ceiling_dice_3d"], run))
 
     def validate(loss):
-        per, summary = evaluate.validate(val_net, patients, loss=(a.class_weights, a.loss_normalize))
+        with average.swapped_in() if average else contextlib.nullcontext():
+            per, summary = evaluate.validate(val_net, patients, loss=(info["class_weights"], a.loss_normalize),
+                                             threshold=threshold, alt_threshold=alt_threshold)
         tlog.add(iteration=solver.iter, lr="%.6g" % make_solver.learning_rate(sp, solver.iter),
                  train_loss="" if loss is None else "%.6g" % loss,
                  val_mean_dice_3d="%.4f" % summary["mean_dice_3d"], val_loss="%.6g" % summary["val_loss"],
+                 val_precision="%.4f" % summary["mean_precision"], val_recall="%.4f" % summary["mean_recall"],
+                 val_pred_ratio="%.4f" % summary["mean_pred_ratio"],
+                 **{"val_mean_dice_3d_" + other: "%.4f" % summary["alt_mean_dice_3d"]},
+                 elapsed="%.1f" % (time.time() - t_start),
                  **{pid: "%.4f" % per[pid]["dice_3d"] for pid in per})
         try:
             from tools import figures
-            figures.fig5(os.path.join(run, "figures", "fig5_val_dice.png"), tlog.path, info["epoch"], a.profile)
+            figures.fig5(os.path.join(run, "figures", "fig5_val_dice.png"), tlog.path, info["epoch"], a.profile,
+                         ceilings["ceiling_dice_3d"])
         except Exception as e:  # a figure must never stop a training run
             log("note: Fig. 5 not redrawn: %s" % e)
         return per, summary
@@ -279,6 +318,10 @@ def train(a):
                     break
                 solver.step(1)
                 losses.append(float(solver.net.blobs["loss"].data))
+                if average:
+                    average.update()
+                    if solver.iter % sp.snapshot == 0:     # beside the solver's own periodic snapshot
+                        take_snapshot(solver, run, average)
                 bar.update(1)
                 bar.set_postfix(loss="%.4g" % np.mean(losses[-20:]),
                                 dice="%.3f" % last[1]["mean_dice_3d"] if last else "-")
@@ -286,7 +329,7 @@ def train(a):
                     last = validate(float(np.mean(losses)) if losses else None)
                     losses = []
                     bar.set_postfix(loss=tlog.rows[-1]["train_loss"], dice="%.3f" % last[1]["mean_dice_3d"])
-            model = take_snapshot(solver, run)
+            model = take_snapshot(solver, run, average)
     finally:
         os.chdir(cwd)
     elapsed = time.time() - t0
@@ -300,7 +343,11 @@ def train(a):
         return 130
     with atomic.atomic_path(os.path.join(run, "final.caffemodel")) as tmp:
         shutil.copyfile(model, tmp)
-    per, summary = last if last else evaluate.validate(val_net, patients)   # (resumed a finished run)
+    if last is None:                               # resumed a finished run
+        with average.swapped_in() if average else contextlib.nullcontext():
+            last = evaluate.validate(val_net, patients, threshold=threshold)
+    per, summary = last
+    evaluate.add_ceilings(per, summary, patients, a.crop)
     metrics = dict(summary)
     metrics.update({"per_patient": {pid: {k: v for k, v in s.items() if k != "dice_2d"} for pid, s in per.items()},
                     "profile": a.profile, "iterations": int(solver.iter), "fold": a.fold,
@@ -308,9 +355,9 @@ def train(a):
                     round(elapsed / max(1, solver.iter - start), 3), "weights": init, "mode": mode,
                     "snapshot": os.path.relpath(model, run)})
     evaluate.merge_json(os.path.join(run, "metrics.json"), metrics)
-    log("done: %d iterations in %.0f s; validation mean 3D Dice %.3f ± %.3f; %s"
-        % (solver.iter, elapsed, summary["mean_dice_3d"], summary["sd_dice_3d"],
-           os.path.join(run, "final.caffemodel")))
+    log("done: %d iterations in %.0f s; validation mean 3D Dice %.3f ± %.3f (ceiling %.3f, predicted/true %.2f); %s"
+        % (solver.iter, elapsed, summary["mean_dice_3d"], summary["sd_dice_3d"], summary["ceiling_dice_3d"],
+           summary["mean_pred_ratio"], os.path.join(run, "final.caffemodel")))
     return 0
 
 
@@ -333,7 +380,7 @@ def parser():
     ap.add_argument("--fold", type=int, required=True, help="validation fold k (trains on the others)")
     ap.add_argument("--data", required=True, help="DATA folder (make data)")
     ap.add_argument("--run", required=True, help="run folder (created; resumed when it holds snapshots)")
-    ap.add_argument("--profile", default=paper.DEFAULT_PROFILE, choices=sorted(paper.PROFILES),
+    ap.add_argument("--profile", default=profiles.DEFAULT_PROFILE, choices=sorted(profiles.PROFILES),
                     help="paper (SPEC §4, default) or fast (CPU demos and tests)")
     ap.add_argument("--weights", help="caffemodel to transplant conv1_1..conv3_2 from (default: the `make "
                     "weights` download for a pretrained profile)")
@@ -344,8 +391,26 @@ def parser():
     g.add_argument("--loss-normalize", dest="loss_normalize", action="store_true", default=paper.LOSS_NORMALIZE,
                    help="loss = weighted mean over pixels (default)")
     g.add_argument("--loss-sum", dest="loss_normalize", action="store_false", help="loss = plain weighted sum")
-    ap.add_argument("--class-weights", nargs=2, type=float, metavar=("BG", "TUMOR"), default=paper.CLASS_WEIGHTS,
-                    help="loss weights of background and tumor (default the report's %s %s)" % paper.CLASS_WEIGHTS)
+    ap.add_argument("--class-weights", nargs=2, type=float, metavar=("BG", "TUMOR"),
+                    help="loss weights of background and tumor (default: the profile's; the report's %s %s)"
+                    % paper.CLASS_WEIGHTS)
+    ap.add_argument("--dropout", type=float, help="training-time dropout ratio of drop6/drop7 (0: none; default "
+                    "the profile's; the deploy net is the same either way)")
+    ap.add_argument("--batch-size", type=int, help="training images per forward (default the profile's)")
+    ap.add_argument("--iter-size", type=int, help="forwards whose gradients are summed per update (Caffe's "
+                    "iter_size; default the profile's)")
+    ap.add_argument("--lr-policy", choices=profiles.LR_POLICIES, help="step (x gamma every stepsize) or poly "
+                    "((1 - it/max_iter)^power); default the profile's")
+    ap.add_argument("--power", type=float, help="poly exponent")
+    ap.add_argument("--momentum2", type=float, help="Adam beta2 (default the report's %g)" % paper.MOMENTUM2)
+    ap.add_argument("--pretrained-lr-mult", type=float, help="lr multiplier of conv1_1..conv3_2 in training "
+                    "(default the profile's; the report's %g suits transplanted weights)" % paper.PRETRAINED_LR_MULT)
+    ap.add_argument("--average", type=float, metavar="DECAY", help="validate and keep an exponential moving "
+                    "average of the weights (tools/averaging.py), e.g. 0.98; default the profile's (none)")
+    ap.add_argument("--decision", choices=score.DECISIONS,
+                    help="how a pixel is called tumor: argmax (the report's) or prior (tumor probability above "
+                    "w_tumor / (w_tumor + w_background), undoing the class weights' prior shift); default the "
+                    "profile's")
     ap.add_argument("--seed", type=int, default=paper.SEED, help="Caffe random seed")
     ap.add_argument("--max-iter", type=int, help="override the profile's number of iterations")
     ap.add_argument("--base-lr", type=float, help="override the profile's base learning rate")
@@ -363,7 +428,9 @@ def parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = parser().parse_args(argv)
+    a.argv = argv
     return train(a)
 
 

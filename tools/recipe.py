@@ -1,0 +1,132 @@
+"""`make recipe`: the study behind the `fast` profile (docs/results/recipe.md).
+
+Each experiment is one tools/train.py run on one fold with a fixed seed, validated at regular points (Dice
+under both decision rules, precision, recall, predicted/true pixels: tools/train_log.py's columns), in
+OUT/<name>; a finished run is reused and an interrupted one resumes (train.py). The summary reads every run
+folder under OUT (also runs made by hand with train.py) and writes
+  OUT/recipe.md          one row per run: its command, the final and best mean 3D Dice under the run's rule and
+                         the other, calibration at the end, iterations, wall seconds per iteration
+  OUT/recipe_curves.png  mean validation 3D Dice against iterations, one curve per run, the ceiling dotted
+
+CLI: python3 tools/recipe.py --data DATA --out OUT [--fold 0] [--seed 0] [--only NAME ...] [--summarize-only]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import atomic
+from solver import profiles
+from tools import train_log
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (what it changes against the profile, train.py options)
+EXPERIMENTS = (
+    ("fast", "the fast profile as it is", []),
+    ("report-0.5dropout", "the report's training net: dropout 0.5, weights 0.04/0.96",
+     ["--dropout", "0.5", "--class-weights", "0.04", "0.96"]),
+)
+
+
+def run_experiment(data, out, name, options, fold, seed, validate_every, profile):
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--fold", str(fold), "--data", data,
+           "--run", os.path.join(out, name), "--profile", profile, "--seed", str(seed),
+           "--validate-every", str(validate_every), "--quiet"] + list(options)
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def read_run(run):
+    """(run.json, train_log rows, metrics.json or {}) of a run folder; None when it has no log."""
+    log = os.path.join(run, "train_log.csv")
+    if not os.path.exists(log):
+        return None
+    with open(os.path.join(run, "run.json")) as f:
+        info = json.load(f)
+    metrics = {}
+    if os.path.exists(os.path.join(run, "metrics.json")):
+        with open(os.path.join(run, "metrics.json")) as f:
+            metrics = json.load(f)
+    rows = [r for r in train_log.read(log) if not np.isnan(r["val_mean_dice_3d"])]
+    return info, rows, metrics
+
+
+def summary_row(name, info, rows, metrics):
+    rule = info.get("decision", "argmax")
+    other = "prior" if rule == "argmax" else "argmax"
+    dice = [r["val_mean_dice_3d"] for r in rows]
+    alt = [r.get("val_mean_dice_3d_" + other, float("nan")) for r in rows]
+    last = rows[-1]
+    return {"name": name, "command": info.get("command", ""), "rule": rule, "iterations": int(last["iteration"]),
+            "max_iter": info.get("max_iter"), "final": dice[-1], "best": max(dice),
+            "best_at": int(rows[int(np.argmax(dice))]["iteration"]), "final_other": alt[-1], "other": other,
+            "precision": last["val_precision"], "recall": last["val_recall"], "pred_ratio": last["val_pred_ratio"],
+            "ceiling": metrics.get("ceiling_dice_3d", float("nan")),
+            "s_per_it": metrics.get("seconds_per_iteration", float("nan")),
+            "curve": ([r["iteration"] for r in rows], dice)}
+
+
+def summarize(out):
+    rows = []
+    for name in sorted(os.listdir(out)):
+        got = read_run(os.path.join(out, name))
+        if got and got[1]:
+            rows.append(summary_row(name, *got))
+    return rows
+
+
+def markdown(rows, title):
+    lines = ["# %s" % title, "",
+             "Dice: mean validation 3D Dice over the fold's patients; 'other rule': the same net under the other "
+             "decision rule (argmax / prior, tools/score.py); precision, recall, pred/true at the last point.", "",
+             "| run | iterations | final Dice | best (at it.) | final, other rule | precision | recall | pred/true "
+             "| s/it | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| %s | %d | **%.3f** | %.3f (%d) | %.3f (%s) | %.3f | %.3f | %.2f | %.2f | `%s` |" % (
+            r["name"], r["iterations"], r["final"], r["best"], r["best_at"], r["final_other"], r["other"],
+            r["precision"], r["recall"], r["pred_ratio"], r["s_per_it"], r["command"]))
+    return "\n".join(lines) + "\n"
+
+
+def curves_figure(rows, png, title):
+    from tools import figures
+    return figures.curves(png, [(r["name"], r["curve"][0], r["curve"][1]) for r in rows], title,
+                          ceiling=next((r["ceiling"] for r in rows if not np.isnan(r["ceiling"])), None))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="The recipe study of the fast profile: each experiment a train.py run "
+                                 "on one fold and seed; a table and the validation curves of every run in OUT.")
+    ap.add_argument("--data", help="DATA folder (make data); needed unless --summarize-only")
+    ap.add_argument("--out", required=True, help="folder of the runs and the summary")
+    ap.add_argument("--profile", default="fast", choices=sorted(profiles.PROFILES))
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--validate-every", type=int, default=50)
+    ap.add_argument("--only", nargs="*", choices=[e[0] for e in EXPERIMENTS], help="run only these experiments")
+    ap.add_argument("--summarize-only", action="store_true", help="run nothing; summarize the runs in OUT")
+    a = ap.parse_args(argv)
+    out = os.path.abspath(a.out)
+    if not a.summarize_only:
+        if not a.data:
+            ap.error("--data is needed to run experiments")
+        for name, _, options in EXPERIMENTS:
+            if not a.only or name in a.only:
+                run_experiment(os.path.abspath(a.data), out, name, options, a.fold, a.seed, a.validate_every,
+                               a.profile)
+    rows = summarize(out)
+    if not rows:
+        raise SystemExit("error: no run with a train_log.csv under %s" % out)
+    title = "Recipe study of the %s profile: fold %d, seed %d" % (a.profile, a.fold, a.seed)
+    atomic.write_text(os.path.join(out, "recipe.md"), markdown(rows, title))
+    curves_figure(rows, os.path.join(out, "recipe_curves.png"), title)
+    print(markdown(rows, title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
