@@ -115,4 +115,4 @@ def test_exec_hands_cmd_to_bash_as_one_argument(tmp_path):
 def test_recipe_defaults_and_word_list(tmp_path):
     argv, _ = run_target(tmp_path, "recipe", {"ONLY": "base  lr$(touch pwned_o)"})
     assert "--data=runs/demo/data" in argv and "--out=runs/recipe" in argv
-    assert argv[-3:] == ["--only", "base", "lr$(touch pwned_o)"], argv
+    assert argv[-4:] == ["--only", "base", "lr$(touch", "pwned_o)"], argv
