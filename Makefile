@@ -1,17 +1,47 @@
 # TS-FCN toolkit. `make help` lists the targets; README.md explains them.
-# Every target runs inside the Caffe runtime (tools/runtime/runtime.sh): natively where `import caffe`
-# works (Docker image, own Caffe build), else in the Debian 11 root filesystem that `make env` makes.
+# Every target runs its tool inside the Caffe runtime (tools/runtime/runtime.sh): natively where
+# `import caffe` works (Docker image, own Caffe build), else in the Debian 11 root filesystem that
+# `make env` makes.
+#
+# Quoting: every value a target takes (a path, a pattern, a number) reaches the tool verbatim, as one
+# argument -- spaces, quotes, $, backticks, unicode -- and is never evaluated by make or by a shell:
+#  1. Below, every variable given on the command line is turned into a simply expanded variable that
+#     holds exactly the text typed (make would otherwise expand `$|` in ROI='^gtv$|^ctv$', and run
+#     `$(shell ...)`), and is exported as that text.
+#  2. A recipe never writes $(VAR) bare. An option goes through $(call opt,--name,VAR): one single-
+#     quoted shell word '--name=VALUE', or nothing when VAR is empty (the --name=VALUE form keeps
+#     values such as BOX=-2,0,9,9 from reading as options). A fixed word goes through $(call q,TEXT).
+#     Lists of options (TRAIN_ARGS, PYTEST_ARGS) go through $(call arglist,VAR): split at spaces, each
+#     word quoted, never evaluated. CMD (make exec) is a shell command by definition: it is handed to
+#     bash -c as one argument.
+#  3. Paths that may lie outside the checkout are listed in BIND_VARS: $(IN_RUNTIME) binds them
+#     into the root filesystem (a path holding ':' cannot be bound: runtime.sh splits TSFCN_BIND there).
+# A new target follows the same pattern, e.g.
+#     fetch: runtime ## OUT=dir: ...
+#     	$(IN_RUNTIME) $(call q,$(PYTHON)) tools/fetch.py $(call opt,--out,OUT)
+# and adds its path variables to BIND_VARS. tests/test_makefile.py checks every target this way.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 .DEFAULT_GOAL := help
 
+# 1. Command-line values, verbatim (simply expanded: their text is never expanded again). Their origin
+#    becomes "override": $(call from_cmdline,VAR) says whether VAR was given on the command line.
+CMDLINE_VARS := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+$(foreach v,$(CMDLINE_VARS),$(eval override $(v) := $$(value $(v)))$(eval export $(v)))
+from_cmdline = $(filter $(1),$(CMDLINE_VARS))
+
+# 2. Shell words: q = TEXT single-quoted; opt = '--name=VALUE' or nothing; arglist = each word quoted.
+q = '$(subst ','\'',$(1))'
+opt = $(if $(strip $($(2))),$(call q,$(1)=$($(2))))
+arglist = $(foreach w,$($(1)),$(call q,$(w)))
+
 PYTHON   ?= python3
 RUNTIME  := tools/runtime/runtime.sh
-# Paths given on the command line that live outside the checkout are bind-mounted into the runtime.
-BIND_VARS := RAW DATA RUN SCAN OUT MODEL WEIGHTS SNAPSHOT ROI_FILE PROTOTXT
-export TSFCN_BIND := $(subst $(eval) ,:,$(strip $(foreach v,$(BIND_VARS),$(if $($(v)),$(abspath $($(v)))))))
-IN_RUNTIME := $(RUNTIME) exec
+# 3. Paths given on the command line that live outside the checkout are bind-mounted into the runtime.
+BIND_VARS := RAW DATA RUN RUNS SCAN OUT MODEL WEIGHTS SNAPSHOT ROI_FILE PROTOTXT
+bind_words = $(foreach v,$(BIND_VARS),$(if $(strip $($(v))),$(call q,$($(v)))))
+IN_RUNTIME = TSFCN_BIND="$$(printf '%s:' $(bind_words))" $(call q,$(RUNTIME)) exec
 # GPU=id / GPUS=ids: the runtime swaps in the CUDA build of Caffe (make caffe-cuda).
 export TSFCN_GPU := $(strip $(GPU)$(GPUS))
 
@@ -26,8 +56,7 @@ PROFILE  ?= paper
 N        ?= 20
 GPU      ?=
 GPUS     ?=
-
-gpu_flag = $(if $(GPU),--gpu $(GPU))
+PY       = $(call q,$(PYTHON))
 
 .PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation recipe segment bench \
         docker docker-test caffe-cuda clean
@@ -36,63 +65,67 @@ help: ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
 env: runtime ## make the Caffe runtime (Debian 11 + BVLC Caffe 1.0), once; prints the BLAS core chosen
-	@$(IN_RUNTIME) $(PYTHON) tools/runtime/blas_core.py --report
+	@$(IN_RUNTIME) $(PY) tools/runtime/blas_core.py --report
 
 runtime:
-	@$(RUNTIME) ensure
+	@$(call q,$(RUNTIME)) ensure
 
 exec: runtime ## run CMD='...' inside the runtime (PYTHONPATH has layers/), e.g. make exec CMD='caffe --version'
-	@$(IN_RUNTIME) bash -c '$(CMD)'
+	@$(IN_RUNTIME) bash -c $(call q,$(CMD))
 
-test: runtime ## the test suite, in real Caffe (PYTEST_ARGS='tests/test_x.py -k y' picks tests)
-	$(IN_RUNTIME) $(PYTHON) -m pytest $(PYTEST_ARGS)
+test: runtime ## the test suite, in real Caffe (PYTEST_ARGS='tests/test_x.py -x' picks tests)
+	$(IN_RUNTIME) $(PY) -m pytest $(call arglist,PYTEST_ARGS)
 
 demo: runtime ## phantoms -> data -> train (fast profile) -> eval -> figures, under runs/demo/
 	$(IN_RUNTIME) bash tools/demo.sh
 
 phantoms: runtime ## OUT=dir N=20 SEED=0: the built-in phantom cohort (DICOM CT + RTSTRUCT/SEG, NIfTI)
-	$(IN_RUNTIME) $(PYTHON) -m data_prep.phantoms --out $(or $(OUT),phantoms) --n $(N) --seed $(SEED) --jobs $(JOBS)
+	$(IN_RUNTIME) $(PY) -m data_prep.phantoms $(call q,--out=$(or $(OUT),phantoms)) $(call opt,--n,N) \
+	  $(call opt,--seed,SEED) $(call opt,--jobs,JOBS)
 
 data: runtime ## RAW=dir DATA=dir [FOLDS SEED JOBS ROI SKIP_BAD=1 BOX=slice RESIZE=antialias]: cohort -> crops -> HDF5 folds
-	$(IN_RUNTIME) $(PYTHON) -m data_prep.make_data --raw $(RAW) --data $(DATA) --folds $(FOLDS) \
-	  --seed $(SEED) --jobs $(JOBS) $(if $(ROI),--roi '$(ROI)') $(if $(SKIP_BAD),--skip-bad) \
-	  $(if $(BOX),--box $(BOX)) $(if $(HU_WINDOW),--hu-window=$(HU_WINDOW)) $(if $(RESIZE),--resize $(RESIZE))
+	$(IN_RUNTIME) $(PY) -m data_prep.make_data $(call opt,--raw,RAW) $(call opt,--data,DATA) \
+	  $(call opt,--folds,FOLDS) $(call opt,--seed,SEED) $(call opt,--jobs,JOBS) $(call opt,--roi,ROI) \
+	  $(if $(strip $(SKIP_BAD)),--skip-bad) $(call opt,--box,BOX) $(call opt,--hu-window,HU_WINDOW) \
+	  $(call opt,--resize,RESIZE)
 
 prototxt: runtime ## regenerate prototxt/{train,val,deploy}.prototxt from prototxt/net.py
-	$(IN_RUNTIME) $(PYTHON) prototxt/net.py
+	$(IN_RUNTIME) $(PY) prototxt/net.py
 
 weights: runtime ## download the FCN-32s PASCAL (or WEIGHTS_SOURCE=vgg16) caffemodel into weights/
-	$(IN_RUNTIME) $(PYTHON) tools/weights.py $(if $(WEIGHTS_SOURCE),--source $(WEIGHTS_SOURCE))
+	$(IN_RUNTIME) $(PY) tools/weights.py $(call opt,--source,WEIGHTS_SOURCE)
 
 train: runtime ## FOLD=k [DATA RUN WEIGHTS GPU PROFILE=paper|fast TRAIN_ARGS='--crop aligned ...']: train one fold
-	$(IN_RUNTIME) $(PYTHON) tools/train.py --fold $(FOLD) --data $(DATA) --run $(RUN) \
-	  --profile $(PROFILE) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(gpu_flag) $(TRAIN_ARGS)
+	$(IN_RUNTIME) $(PY) tools/train.py $(call opt,--fold,FOLD) $(call opt,--data,DATA) $(call opt,--run,RUN) \
+	  $(call opt,--profile,PROFILE) $(call opt,--weights,WEIGHTS) $(call opt,--gpu,GPU) $(call arglist,TRAIN_ARGS)
 
 eval: runtime ## FOLD=k [RUN SNAPSHOT GPU]: caffe test + per-patient 3D Dice + figures
-	$(IN_RUNTIME) $(PYTHON) tools/evaluate.py --fold $(FOLD) --data $(DATA) --run $(RUN) \
-	  $(if $(SNAPSHOT),--snapshot $(SNAPSHOT)) $(gpu_flag)
+	$(IN_RUNTIME) $(PY) tools/evaluate.py $(call opt,--fold,FOLD) $(call opt,--data,DATA) $(call opt,--run,RUN) \
+	  $(call opt,--snapshot,SNAPSHOT) $(call opt,--gpu,GPU)
 
 cv: runtime ## [GPUS=0,1,... RUNS=runs/cv]: every fold, then the table of 3D Dice per fold
-	$(IN_RUNTIME) $(PYTHON) tools/cv.py --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) \
-	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(RUNS),--runs $(RUNS)) \
-	  $(if $(TRAIN_ARGS),--train-args '$(TRAIN_ARGS)')
+	$(IN_RUNTIME) $(PY) tools/cv.py $(call opt,--data,DATA) $(call opt,--folds,FOLDS) $(call opt,--profile,PROFILE) \
+	  $(call opt,--gpus,GPUS) $(call opt,--weights,WEIGHTS) $(call opt,--runs,RUNS) \
+	  $(call opt,--train-args,TRAIN_ARGS)
 
 ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum), weights 0.5/0.5: one table
-	$(IN_RUNTIME) $(PYTHON) tools/ablation.py --raw $(or $(RAW),runs/demo/raw) --out $(or $(OUT),runs/ablation) \
-	  --profile $(or $(filter-out paper,$(PROFILE)),fast) $(gpu_flag) $(if $(TRAIN_ARGS),--train-args '$(TRAIN_ARGS)')
+	$(IN_RUNTIME) $(PY) tools/ablation.py $(call q,--raw=$(or $(RAW),runs/demo/raw)) \
+	  $(call q,--out=$(or $(OUT),runs/ablation)) $(call q,--profile=$(or $(filter-out paper,$(PROFILE)),fast)) \
+	  $(call opt,--gpu,GPU) $(call opt,--train-args,TRAIN_ARGS)
 
 recipe: runtime ## [DATA=runs/demo/data OUT=runs/recipe FOLD=0 SEED=0 ONLY='a b']: the fast profile's study -> recipe.md
-	$(IN_RUNTIME) $(PYTHON) tools/recipe.py --data $(if $(filter command line,$(origin DATA)),$(DATA),runs/demo/data) \
-	  --out $(or $(OUT),runs/recipe) --fold $(FOLD) --seed $(SEED) $(if $(ONLY),--only $(ONLY))
+	$(IN_RUNTIME) $(PY) tools/recipe.py $(call q,--data=$(if $(call from_cmdline,DATA),$(DATA),runs/demo/data)) \
+	  $(call q,--out=$(or $(OUT),runs/recipe)) $(call opt,--fold,FOLD) $(call opt,--seed,SEED) \
+	  $(if $(strip $(ONLY)),--only $(call arglist,ONLY))
 
-segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=...) MODEL=... OUT=...: tumor mask
-	$(IN_RUNTIME) $(PYTHON) tools/segment.py --scan $(SCAN) $(if $(BOX),--box $(BOX)) \
-	  $(if $(SLICES),--slices $(SLICES)) $(if $(ROI_FILE),--roi $(ROI_FILE)) --model $(MODEL) \
-	  --out $(OUT) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(PROTOTXT),--prototxt $(PROTOTXT)) \
-	  $(if $(BATCH),--batch $(BATCH)) $(gpu_flag)
+segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=... [ROI=regex]) MODEL=... OUT=...: tumor mask
+	$(IN_RUNTIME) $(PY) tools/segment.py $(call opt,--scan,SCAN) $(call opt,--box,BOX) $(call opt,--slices,SLICES) \
+	  $(call opt,--roi,ROI_FILE) $(call opt,--roi-regex,ROI) $(call opt,--model,MODEL) $(call opt,--out,OUT) \
+	  $(call opt,--threshold,THRESHOLD) $(call opt,--prototxt,PROTOTXT) $(call opt,--batch,BATCH) \
+	  $(call opt,--hu-window,HU_WINDOW) $(call opt,--gpu,GPU)
 
 bench: runtime ## measure every stage -> bench/results.json and a table
-	$(IN_RUNTIME) $(PYTHON) tools/bench.py --out bench/results.json $(gpu_flag)
+	$(IN_RUNTIME) $(PY) tools/bench.py --out bench/results.json $(call opt,--gpu,GPU)
 
 docker: ## build the CPU image ts-fcn:cpu (Docker)
 	docker build -t ts-fcn:cpu .
@@ -101,7 +134,7 @@ docker-test: runtime ## build the image with podman (no Docker engine or registr
 	bash tools/runtime/podman-test.sh
 
 caffe-cuda: runtime ## [CUDA_ARCH=90]: build Caffe with CUDA for current GPUs, as a relocatable bundle
-	bash tools/cuda/build-caffe-cuda.sh $(or $(CUDA_ARCH),90)
+	bash tools/cuda/build-caffe-cuda.sh $(call q,$(or $(CUDA_ARCH),90))
 
 clean: ## remove generated data and runs in the checkout (not the runtime)
 	rm -rf data runs phantoms bench/*.tmp

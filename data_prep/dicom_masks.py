@@ -5,9 +5,16 @@ What it owns
   used whatever its name; otherwise every ROI whose name matches the regex (case-insensitive
   search) is used, and their UNION is the tumor mask (e.g. "GTV-1" + "GTV-2" of a patient with two
   lesions); none matching is an error listing the names present.
-- RTSTRUCT: each CLOSED_PLANAR contour (patient LPS mm) goes to one slice, by its
-  ContourImageSequence ReferencedSOPInstanceUID when that names a slice of the series, else by
-  its position along the slice normal (nearest slice within half a slice step). Points become
+- Frame of reference: a segmentation drawn in another frame of reference than the CT series (the
+  RTSTRUCT ROIs' ReferencedFrameOfReferenceUID, else its ReferencedFrameOfReferenceSequence; the
+  SEG's FrameOfReferenceUID) is refused: its coordinates mean other places, and its labels would
+  land on the wrong slices. Objects that carry no frame of reference, or a scan without one
+  (NIfTI/NRRD), are not compared.
+- One placement rule for contours and SEG frames: each lies on the slice within half a slice
+  spacing of its position along the normal; one further from every slice is refused, and so is
+  one whose referenced image (ContourImageSequence / derivation source) is another slice. Without a
+  position (SEG frames without PlanePositionSequence) the referenced image decides.
+- RTSTRUCT: each CLOSED_PLANAR contour (patient LPS mm) goes to one slice by that rule. Points become
   (column, row) pixel coordinates with the slice's own ImagePositionPatient and the row/column
   cosines, and data_prep.contours.fill_polygons fills them (pixel centre inside, even-odd, so
   several contours of a slice XOR and holes work). A contour off every slice is an error.
@@ -18,7 +25,7 @@ What it owns
 """
 import re
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pydicom
@@ -44,6 +51,7 @@ class Grid:
     normal: np.ndarray
     depths: np.ndarray        # positions . normal (ascending)
     uid_index: Dict[str, int]  # SOPInstanceUID -> slice (only UIDs naming exactly one slice)
+    frame_uid: Optional[str] = None   # the CT's FrameOfReferenceUID (DICOM scans)
 
     @classmethod
     def from_scan(cls, scan):
@@ -64,9 +72,10 @@ class Grid:
             for u in scan.slice_uids:
                 counts[u] = counts.get(u, 0) + 1
             uid_index = {u: k for k, u in enumerate(scan.slice_uids) if counts[u] == 1}
+        frame_uid = str(scan.headers[0].get("FrameOfReferenceUID", "") or "").strip() if scan.headers else ""
         return cls(rows=rows, cols=cols, positions=positions, row_cos=row_cos, col_cos=col_cos,
                    dx=dx, dy=dy, dz=float(scan.spacing[0]), normal=normal, depths=positions @ normal,
-                   uid_index=uid_index)
+                   uid_index=uid_index, frame_uid=frame_uid or None)
 
     def slice_at(self, depth):
         """Nearest slice to a plane at `depth` mm along the normal, or None beyond half a step."""
@@ -105,6 +114,34 @@ def referenced_series(ds):
         if "SeriesInstanceUID" in se:
             uids.add(str(se.SeriesInstanceUID))
     return uids
+
+
+def frames_of_reference(f, numbers):
+    """FrameOfReferenceUIDs segmentation file `f` declares for its ROIs/segments `numbers`."""
+    ds = f.header
+    uids = set()
+    if f.kind == "rtstruct":
+        for r in ds.get("StructureSetROISequence") or []:
+            if int(r.get("ROINumber", -1)) in numbers and str(r.get("ReferencedFrameOfReferenceUID", "")).strip():
+                uids.add(str(r.ReferencedFrameOfReferenceUID).strip())
+        if not uids:
+            for fr in ds.get("ReferencedFrameOfReferenceSequence") or []:
+                if str(fr.get("FrameOfReferenceUID", "")).strip():
+                    uids.add(str(fr.FrameOfReferenceUID).strip())
+    elif str(ds.get("FrameOfReferenceUID", "")).strip():
+        uids.add(str(ds.FrameOfReferenceUID).strip())
+    return uids
+
+
+def check_frame_of_reference(f, numbers, grid, patient):
+    """Refuse a segmentation drawn in another frame of reference than the CT series."""
+    if not grid.frame_uid:
+        return
+    uids = frames_of_reference(f, numbers)
+    if uids and grid.frame_uid not in uids:
+        raise BadInput(patient, f.rel, "%s drawn in another frame of reference than the CT series (its "
+                       "FrameOfReferenceUID differs from the CT's): its coordinates would put the labels on "
+                       "the wrong slices" % ("RTSTRUCT" if f.kind == "rtstruct" else "DICOM-SEG"))
 
 
 def roi_names(f):
@@ -148,19 +185,18 @@ def rasterise_rtstruct(f, numbers, grid, patient, mask):
                 continue
             depth = float(np.mean(pts @ grid.normal))
             k = grid.slice_at(depth)
-            refs = c.get("ContourImageSequence") or []
-            ref_uid = str(refs[0].get("ReferencedSOPInstanceUID", "")) if refs else ""
-            if ref_uid in grid.uid_index:
-                k_uid = grid.uid_index[ref_uid]
-                if k is not None and k != k_uid:
-                    raise BadInput(patient, f.rel, "a contour of ROI %d lies at %.2f mm along the normal but "
-                                   "references the slice at %.2f mm" % (int(rc.ReferencedROINumber), depth,
-                                                                       grid.depths[k_uid]))
-                k = k_uid
             if k is None:
                 raise BadInput(patient, f.rel, "a contour of ROI %d lies at %.2f mm along the normal, off "
-                               "every CT slice (%.2f to %.2f mm)" % (int(rc.ReferencedROINumber), depth,
-                                                                   grid.depths[0], grid.depths[-1]))
+                               "every CT slice (more than half a slice spacing, %.3g mm, from each of the slices "
+                               "at %.2f to %.2f mm)"
+                               % (int(rc.ReferencedROINumber), depth, grid.dz / 2, grid.depths[0],
+                                  grid.depths[-1]))
+            refs = c.get("ContourImageSequence") or []
+            ref_uid = str(refs[0].get("ReferencedSOPInstanceUID", "")) if refs else ""
+            if ref_uid in grid.uid_index and grid.uid_index[ref_uid] != k:
+                raise BadInput(patient, f.rel, "a contour of ROI %d lies at %.2f mm along the normal but "
+                               "references the slice at %.2f mm" % (int(rc.ReferencedROINumber), depth,
+                                                                   grid.depths[grid.uid_index[ref_uid]]))
             roi_polys.setdefault(k, []).append(grid.in_plane(pts, k))
         # XOR within one ROI (holes); union across ROIs
         for k, polys in roi_polys.items():
@@ -233,7 +269,12 @@ def rasterise_seg(f, numbers, grid, patient, mask):
         if pos is not None:
             pos = np.array([float(v) for v in pos])
             k = grid.slice_at(float(pos @ grid.normal))
-            if k is not None:
+            if k is None:
+                raise BadInput(patient, f.rel, "SEG frame %d lies at %.2f mm along the normal, off every CT "
+                               "slice (more than half a slice spacing, %.3g mm, from each of the slices at %.2f "
+                               "to %.2f mm)"
+                               % (i + 1, float(pos @ grid.normal), grid.dz / 2, grid.depths[0], grid.depths[-1]))
+            else:
                 off = grid.in_plane(pos[None], k)[0]
                 if np.max(np.abs(off)) > IN_PLANE_TOLERANCE:
                     raise BadInput(patient, f.rel, "SEG frame %d starts %.2f, %.2f pixels off the CT slice "
@@ -264,6 +305,7 @@ def rasterise(files, grid, roi_regex, patient):
         if not numbers:
             continue
         kinds.append(f.kind)
+        check_frame_of_reference(f, numbers, grid, patient)
         fn = rasterise_rtstruct if f.kind == "rtstruct" else rasterise_seg
         fn(f, numbers, grid, patient, mask)
     if not mask.any():

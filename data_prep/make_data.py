@@ -5,6 +5,7 @@ Owns the pipeline and the DATA layout:
     DATA/manifest.json        params, folds, patients [{id, slices, box_side, box_center, spacing,
                               source_kind, h5, h5_aug, images, images_aug}], skipped [{id, reason}]
     DATA/pseudonym_key.json   pseudonym -> input folder name (the ONLY place input names appear)
+    DATA/.make_data.lock      the lock a run holds (flock; empty file, kept between runs)
     DATA/patients/P001.h5     un-augmented crops (validation)
     DATA/patients/P001_aug/   8x augmented crops (training), one file z<slice>_a<k>.h5 per image so
                               that Caffe's HDF5Data shuffles them uniformly (data_prep/hdf5_io.py)
@@ -17,15 +18,24 @@ HDF5 (data_prep.hdf5_io), in parallel over patients (--jobs). Patients are named
 the sorted order of the input folder names; hidden folders (such as the phantom generator's .truth/)
 are ignored. Output paths are built from pseudonyms only, so no input name can steer a write.
 
+Input faults and output faults are kept apart. Bad input (data_prep.errors.BadInput) is the patient's:
+it stops the run with its one-line message and exit status 2, or with --skip-bad is listed in the
+manifest ("skipped") and the summary while every good patient is kept. An error writing DATA (read-only
+folder, disk full, files removed under the run) is never the patient's: it stops the run, whatever
+--skip-bad says, with one line naming DATA and the OS error, and exit status 1 (OutputError). One run
+at a time per DATA: the run holds an exclusive lock on DATA/.make_data.lock (flock, released by the
+kernel when the process ends, even by kill -9), and a second run on the same DATA refuses with one line
+instead of deleting the first one's temporary files.
+
 Idempotent and atomic: every file is written to a temporary name and renamed; each patient's HDF5
 files carry a hash of the processing parameters and of the input folder's file listing (names, sizes,
-mtimes), and a rerun skips the patients whose two files exist and match. Bad input (data_prep.errors.
-BadInput) stops the run with its one-line message and exit status 2, or with --skip-bad is listed in the
-manifest ("skipped") and the summary.
+mtimes), and a rerun skips the patients whose two files exist and match.
 
 Non-axial scans: the readers decide (they refuse or resample; see data_prep.readers).
 """
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -40,12 +50,54 @@ import numpy as np
 import atomic
 import paper
 from data_prep import augment, crop, folds, hdf5_io, intensity
-from data_prep.errors import BadInput
+from data_prep.errors import BadInput, redact
 
 FORMAT_VERSION = 1
 PATIENTS_DIR = "patients"
 MANIFEST = "manifest.json"
 KEY_FILE = "pseudonym_key.json"
+LOCK_FILE = ".make_data.lock"
+
+
+class OutputError(Exception):
+    """Writing DATA failed (read-only, disk full, files removed under the run): never the input's fault."""
+
+    def __init__(self, data_dir, error):
+        self.data_dir = str(data_dir)
+        self.error = " ".join(("%s" % error if isinstance(error, (OSError, str)) else
+                               "%s: %s" % (type(error).__name__, error)).split())
+        super().__init__(self.data_dir, self.error)
+
+    def __str__(self):
+        return "cannot write DATA %s: %s" % (self.data_dir, self.error)
+
+
+@contextlib.contextmanager
+def writing(data_dir, errors=(OSError,)):
+    """Turn the `errors` raised while writing DATA into an OutputError."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except errors as e:
+        raise OutputError(data_dir, e) from e
+
+
+@contextlib.contextmanager
+def data_lock(data_dir):
+    """Hold DATA's lock for the run; a second run on the same DATA refuses (SystemExit, one line)."""
+    with writing(data_dir):
+        os.makedirs(data_dir, exist_ok=True)
+        fd = os.open(os.path.join(data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit("make_data: error: DATA %s is in use by another make data run (it holds %s); "
+                             "wait for that run to end, or give another DATA" % (data_dir, LOCK_FILE))
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- parameters ------------------------------------------------------------------------------------
@@ -116,12 +168,9 @@ def h5_paths(data_dir: str, pid: str):
 # --- one patient -----------------------------------------------------------------------------------
 def _scrub(text: str, folder: str) -> str:
     """Remove the input folder's path and name from a message (no input names in logs)."""
-    for s in (os.path.abspath(folder), os.path.normpath(folder)):
-        text = text.replace(s, "<patient>")
-    name = os.path.basename(os.path.normpath(folder))
-    if len(name) >= 4:     # shorter names would clobber ordinary words; readers never print them anyway
-        text = text.replace(name, "<patient>")
-    return " ".join(text.split())
+    folder = os.path.normpath(folder)
+    return " ".join(redact(text, {os.path.abspath(folder), folder, os.path.basename(folder)},
+                           ignore_case=False).split())
 
 
 TMP_RE = re.compile(r"^\..*\.tmp\d+(\..*)?$")
@@ -196,10 +245,12 @@ def process_patient(folder: str, pseudonym: str, params: Dict, data_dir: str,
     }
     attrs = {"params_hash": params_hash(params), "input_hash": input_hash(folder),
              "entry": json.dumps(entry)}
-    # The augmented files first: the un-augmented one is the "done" marker checked last.
-    hdf5_io.write_augmented(path_aug, data_aug, labels_aug, zs_aug, attrs=attrs)
-    t6 = time.perf_counter()
-    hdf5_io.write_patient_h5(path, data, labels, zs, attrs=attrs)
+    # The augmented files first: the un-augmented one is the "done" marker checked last. Whatever
+    # fails here fails writing DATA (h5py reports some write errors as RuntimeError or ValueError).
+    with writing(data_dir, errors=(Exception,)):
+        hdf5_io.write_augmented(path_aug, data_aug, labels_aug, zs_aug, attrs=attrs)
+        t6 = time.perf_counter()
+        hdf5_io.write_patient_h5(path, data, labels, zs, attrs=attrs)
     t7 = time.perf_counter()
     t.update(boxes=t2 - t1, crop=t3 - t2, intensity=t4 - t3, augment=t5 - t4, write_aug=t6 - t5,
              write=t7 - t6, preprocess=t5 - t1, total=t7 - t0)
@@ -220,15 +271,18 @@ def finished_entry(folder: str, pseudonym: str, params: Dict, data_dir: str) -> 
 
 
 def _work(job):
-    """Pool worker: ('done'|'ok'|'bad', pseudonym, entry or reason, timings)."""
+    """Pool worker: ('done'|'ok'|'bad'|'output', pseudonym, entry or reason, timings)."""
     folder, pid, params, data_dir = job
     try:
-        entry = finished_entry(folder, pid, params, data_dir)
+        with writing(data_dir):
+            entry = finished_entry(folder, pid, params, data_dir)
         if entry is not None:
             return "done", pid, entry, {}
         timings = {}
         entry = process_patient(folder, pid, params, data_dir, timings)
         return "ok", pid, entry, timings
+    except OutputError as e:
+        return "output", pid, e.error, {}
     except BadInput as e:
         return "bad", pid, _scrub(str(e), folder), {}
     except MemoryError:
@@ -293,19 +347,25 @@ def run(raw, data, n_folds=paper.N_FOLDS, seed=paper.SEED, jobs=1, roi=paper.ROI
         box=paper.DEFAULT_BOX_MODE, hu_window=paper.HU_WINDOW, progress=True, log=print,
         resize=paper.DEFAULT_RESIZE) -> Dict:
     """Run the whole pipeline; returns the manifest. Raises BadInput on the first bad patient unless
-    skip_bad."""
-    from tqdm import tqdm
+    skip_bad, OutputError when DATA cannot be written, SystemExit when another run holds DATA."""
     params = make_params(roi, box, hu_window, resize)
     names = list_patients(raw)
     hidden = sum(1 for n in os.listdir(raw) if n.startswith("."))
     if not names:
         raise SystemExit("make_data: no patient folders in RAW %s" % raw)
     key = pseudonyms(names)
-    os.makedirs(os.path.join(data, PATIENTS_DIR), exist_ok=True)
-    remove_stale_temps(data)
-    atomic.write_json(os.path.join(data, KEY_FILE),
-                      {"note": "pseudonym -> input folder; keep apart from shared outputs",
-                       "pseudonyms": {key[n]: n for n in names}})
+    with data_lock(data):
+        return _run_locked(raw, data, names, hidden, key, params, n_folds, seed, jobs, skip_bad, progress, log)
+
+
+def _run_locked(raw, data, names, hidden, key, params, n_folds, seed, jobs, skip_bad, progress, log):
+    from tqdm import tqdm
+    with writing(data):
+        os.makedirs(os.path.join(data, PATIENTS_DIR), exist_ok=True)
+        remove_stale_temps(data)
+        atomic.write_json(os.path.join(data, KEY_FILE),
+                          {"note": "pseudonym -> input folder; keep apart from shared outputs",
+                           "pseudonyms": {key[n]: n for n in names}})
     jobs_list = [(os.path.join(raw, n), key[n], params, data) for n in names]
     log("make_data: %d patient folder(s)%s, %d job(s)"
         % (len(names), " (%d hidden entries ignored)" % hidden if hidden else "", jobs))
@@ -317,6 +377,8 @@ def run(raw, data, n_folds=paper.N_FOLDS, seed=paper.SEED, jobs=1, roi=paper.ROI
                file=sys.stderr)
     try:
         for status, pid, payload, timings in bar:
+            if status == "output":
+                raise OutputError(data, payload)
             if status == "bad":
                 if not skip_bad:
                     raise BadInput(*_split_bad(payload, pid))
@@ -337,7 +399,8 @@ def run(raw, data, n_folds=paper.N_FOLDS, seed=paper.SEED, jobs=1, roi=paper.ROI
     if len(ids) < n_folds:
         raise SystemExit("make_data: %d usable patient(s) cannot fill %d folds" % (len(ids), n_folds))
     fold_ids = folds.assign_folds(ids, n_folds, seed)
-    write_fold_lists(data, fold_ids, entries)
+    with writing(data):
+        write_fold_lists(data, fold_ids, entries)
     summary = summarize(fold_ids, entries, skipped)
     manifest = {
         "params": dict(params, folds=n_folds, seed=seed, params_hash=params_hash(params)),
@@ -346,7 +409,8 @@ def run(raw, data, n_folds=paper.N_FOLDS, seed=paper.SEED, jobs=1, roi=paper.ROI
         "skipped": skipped,
         "summary": summary,
     }
-    atomic.write_json(os.path.join(data, MANIFEST), manifest)
+    with writing(data):
+        atomic.write_json(os.path.join(data, MANIFEST), manifest)
     log("make_data: %d patient(s) processed, %d already done, %d skipped" % (len(ids) - n_done, n_done,
                                                                             len(skipped)))
     if stage.get("total"):
@@ -408,6 +472,9 @@ def main(argv=None) -> int:
         print("make_data: error: %s" % e, file=sys.stderr)
         print("make_data: stopped (SKIP_BAD=1 / --skip-bad skips such patients)", file=sys.stderr)
         return 2
+    except OutputError as e:
+        print("make_data: error: %s" % e, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,7 +9,8 @@ Public API
 - load_scan(path, patient="scan") -> Scan without mask: a DICOM folder, or a .nii/.nii.gz/.nrrd file.
 - load_roi_mask(path, scan, roi_regex=paper.ROI_REGEX) -> uint8 (Z, Y, X) mask on `scan`'s grid,
   from a mask volume, an RTSTRUCT/SEG file, or a folder holding RTSTRUCT/SEG files.
-Every refusal is a data_prep.errors.BadInput naming the patient and the file.
+Every refusal is a data_prep.errors.BadInput naming the patient and the file, cleared of every
+identifying string the reader knows (DICOM patient names and IDs, the input path and folder name).
 
 NIfTI and NRRD
 - NIfTI affines are RAS; they are turned into LPS (x and y negated). NRRD's "space directions" and
@@ -22,6 +23,8 @@ NIfTI and NRRD
 - Image and mask must lie on the same grid: the same voxel centres (within 1% of a voxel), whatever
   axis order or flips each file stores (so a NIfTI/NRRD mask can also go onto a DICOM series).
 - The mask is voxel >= 0.5 (labels 1, 2, ... all count as tumor; fractional masks threshold at 0.5).
+- An image with NaN or infinite voxels is refused: those voxels have no HU, and any value put there
+  (such as air) would be a guess the net then learns from or segments.
 """
 import functools
 import os
@@ -31,7 +34,7 @@ import numpy as np
 import paper
 from data_prep import dicom_masks, dicom_series
 from data_prep.dicom_series import AXIAL_MIN_COS
-from data_prep.errors import BadInput
+from data_prep.errors import BadInput, redact
 from data_prep.scan import Scan
 
 VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd")
@@ -144,7 +147,12 @@ def _display_volume(path, rel, patient):
 
 def _volume_scan(path, rel, patient):
     zyx, affine, spacing, kind = _display_volume(path, rel, patient)
-    hu = np.nan_to_num(zyx.astype(np.float32), nan=paper.AIR_HU)
+    hu = zyx.astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(hu)))
+    if bad:
+        raise BadInput(patient, rel, "image with %d NaN or infinite voxel(s) of %d: they have no HU value; "
+                       "fill them (e.g. with %g, air, outside the field of view) and rerun"
+                       % (bad, hu.size, paper.AIR_HU))
     return Scan(hu=hu, mask=None, spacing=spacing, affine=affine, source_kind=kind)
 
 
@@ -210,18 +218,40 @@ def _segs_for(scan, segs):
 
 # --- public API ----------------------------------------------------------------------------------
 
-def _quietly(fn):
-    """Silence pydicom's warnings about odd header values (invalid UIs, BitsStored vs J2K): the
-    readers check what matters themselves, and the warnings would echo header values into logs."""
+def _folder_of(path):
+    full = os.path.abspath(os.fspath(path))
+    return full if os.path.isdir(full) or not os.path.exists(full) else os.path.dirname(full)
+
+
+def _public(fn):
+    """The public readers' envelope: pydicom's warnings silenced (the readers check what matters
+    themselves, and the warnings would echo header values into logs), and every BadInput cleared of
+    the identifying strings known when it was raised: the patient names and IDs of the DICOM headers
+    read (`seen`, filled by the reader as it goes), the input path (in a library's error text), and
+    the input folder's name (in a relative path: a sub-folder named like the patient folder)."""
     @functools.wraps(fn)
-    def wrapper(*args, **kw):
-        with dicom_series.quiet():
-            return fn(*args, **kw)
+    def wrapper(path, *args, **kw):
+        seen = []
+        try:
+            with dicom_series.quiet():
+                return fn(path, *args, seen=seen, **kw)
+        except BadInput as e:
+            e = e.redacted(dicom_series.identities(seen))
+            folder = _folder_of(path)
+            paths = {os.fspath(path), os.path.abspath(path), os.path.realpath(path), folder}
+            raise BadInput(e.patient, _redact_dirs(e.file, os.path.basename(folder)),
+                           redact(e.message, paths, ignore_case=False)) from None
     return wrapper
 
 
-@_quietly
-def load_patient(folder, roi_regex=paper.ROI_REGEX, patient="P001"):
+def _redact_dirs(rel, name):
+    """A relative path with the folder name `name` removed from its sub-folder names."""
+    parts = rel.split(os.sep)
+    return os.sep.join([redact(p, {name}, ignore_case=False) for p in parts[:-1]] + parts[-1:])
+
+
+@_public
+def load_patient(folder, roi_regex=paper.ROI_REGEX, patient="P001", seen=None):
     """Image and tumor mask of one patient folder (NIfTI/NRRD pair or DICOM CT + RTSTRUCT/SEG)."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -237,6 +267,7 @@ def load_patient(folder, roi_regex=paper.ROI_REGEX, patient="P001"):
             raise BadInput(patient, mask, "empty mask: no voxel >= 0.5")
         return scan
     files = dicom_series.find_dicom(folder, patient)
+    seen.extend(f.header for f in files)
     if not files:
         raise BadInput(patient, ".", "no DICOM files and no image.nii/.nii.gz/.nrrd in the folder")
     segs = _segmentations(files)
@@ -248,8 +279,8 @@ def load_patient(folder, roi_regex=paper.ROI_REGEX, patient="P001"):
     return scan
 
 
-@_quietly
-def load_scan(path, patient="scan"):
+@_public
+def load_scan(path, patient="scan", seen=None):
     """The CT image alone: a DICOM folder (the series choice of load_patient) or a volume file."""
     path = os.fspath(path)
     if os.path.isfile(path):
@@ -259,6 +290,7 @@ def load_scan(path, patient="scan"):
     if not os.path.isdir(path):
         raise BadInput(patient, ".", "scan path not found")
     files = dicom_series.find_dicom(path, patient)
+    seen.extend(f.header for f in files)
     if not files:
         image = find_volume(path, "image")
         if image is not None:
@@ -267,10 +299,11 @@ def load_scan(path, patient="scan"):
     return _dicom_scan(files, patient, _segmentations(files))
 
 
-@_quietly
-def load_roi_mask(path, scan, roi_regex=paper.ROI_REGEX, patient="scan"):
+@_public
+def load_roi_mask(path, scan, roi_regex=paper.ROI_REGEX, patient="scan", seen=None):
     """uint8 (Z, Y, X) tumor mask on `scan`'s grid from a mask volume, RTSTRUCT/SEG file or folder."""
     path = os.fspath(path)
+    seen.extend(scan.headers or [])
     if os.path.isfile(path) and _volume_ext(path) is not None:
         rel = os.path.basename(path)
         mask = _volume_mask(path, rel, scan, patient)
@@ -279,11 +312,14 @@ def load_roi_mask(path, scan, roi_regex=paper.ROI_REGEX, patient="scan"):
         return mask
     if os.path.isfile(path):
         f = dicom_series.read_header(path, os.path.basename(path), patient)
+        seen.extend([f.header] if f is not None else [])
         if f is None or f.kind not in ("rtstruct", "seg"):
             raise BadInput(patient, os.path.basename(path), "not a mask volume, RTSTRUCT or DICOM-SEG")
         segs = [f]
     elif os.path.isdir(path):
-        segs = _segmentations(dicom_series.find_dicom(path, patient))
+        files = dicom_series.find_dicom(path, patient)
+        seen.extend(f.header for f in files)
+        segs = _segmentations(files)
         if not segs:
             raise BadInput(patient, ".", "no segmentation: no RTSTRUCT or DICOM-SEG in the folder")
         segs = _segs_for(scan, segs)

@@ -116,7 +116,8 @@ def test_mixed_cohort_end_to_end(cohort, tmp_path, capsys):
     for name in NAMES.values():
         assert name not in out and name not in err
     assert not os.path.exists("pwned") and not os.path.exists(os.path.join(raw, "pwned"))
-    assert sorted(os.listdir(data)) == ["fold0", "fold1", "manifest.json", "patients", "pseudonym_key.json"]
+    assert sorted(os.listdir(data)) == [".make_data.lock", "fold0", "fold1", "manifest.json", "patients",
+                                        "pseudonym_key.json"]
     assert sorted(os.listdir(os.path.join(data, "patients"))) == sorted(
         ["P%03d%s" % (i, s) for i in range(1, 5) for s in (".h5", "_aug")])
 
@@ -143,7 +144,9 @@ def test_interrupted_run_then_idempotent_rerun(cohort, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(hdf5_io.h5py, "File", DiesMidWrite)
     rc, out, err = _run(args, capsys)
-    assert rc == 2 and "patient P002" in err and "simulated crash" in err
+    # an error writing DATA is DATA's, not the patient's: one line naming DATA and the error
+    assert rc == 1 and err.strip().splitlines() == ["make_data: error: cannot write DATA %s: simulated crash "
+                                                    "while writing" % data], err
     left = sorted(os.listdir(os.path.join(data, "patients")))
     assert left == ["P001.h5", "P001_aug", "P002_aug"]   # no half-written P002.h5, no temp file
     assert not any(n.startswith(".") for n in os.listdir(os.path.join(data, "patients", "P002_aug")))
@@ -224,3 +227,141 @@ def test_pseudonyms_deterministic():
     names = ["b", "a", "c"]
     assert make_data.pseudonyms(names) == {"a": "P001", "b": "P002", "c": "P003"}
     assert make_data.pseudonyms(["n%d" % i for i in range(1200)])["n0"] == "P0001"
+
+
+# --- issue 14: hostile cohorts, output errors, one run per DATA ----------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(args, prefix=()):
+    """make_data as a separate process (optionally under a prefix such as unshare): rc, stderr lines."""
+    r = subprocess.run(list(prefix) + [sys.executable, "-m", "data_prep.make_data"] + args + ["--no-progress"],
+                       capture_output=True, text=True, cwd=REPO)
+    return r.returncode, r.stderr.strip().splitlines(), r.stdout
+
+
+def _damaged_copies(cohort, raw):
+    """Copies of the DICOM RTSTRUCT patient, each with one fault (and one that is valid though odd)."""
+    import pydicom
+    src = os.path.join(cohort[0], NAMES["rtstruct"])
+
+    def files(folder):
+        out = {}
+        for r, _, fs in os.walk(folder):
+            for f in fs:
+                out[os.path.join(r, f)] = pydicom.dcmread(os.path.join(r, f), stop_before_pixels=True).Modality
+        return out
+
+    def each(folder, modality, fn):
+        for path, m in sorted(files(folder).items()):
+            if m == modality:
+                ds = pydicom.dcmread(path)
+                if fn(ds) is not False:
+                    ds.save_as(path)
+
+    faults = {}
+    for name, modality, fn, words in (
+            ("a_frame", "RTSTRUCT", lambda ds: [setattr(r, "ReferencedFrameOfReferenceUID", "1.2.3.4")
+                                                 for r in ds.StructureSetROISequence],
+             "another frame of reference"),
+            ("b_rows", "CT", lambda ds: setattr(ds, "Rows", 65535) if ds.InstanceNumber == 3 else False,
+             "beyond any CT"),
+            ("c_rescale", "CT", lambda ds: ds.__delattr__("RescaleIntercept"), "without RescaleIntercept"),
+            ("d_blank_sop", "CT", lambda ds: setattr(ds, "SOPClassUID", ""), None)):     # valid: kept
+        folder = os.path.join(raw, name)
+        shutil.copytree(src, folder)
+        each(folder, modality, fn)
+        faults[name] = words
+    folder = os.path.join(raw, "e_truncated")
+    shutil.copytree(src, folder)
+    rs = [p for p, m in files(folder).items() if m == "RTSTRUCT"][0]
+    data = open(rs, "rb").read()
+    open(rs, "wb").write(data[:len(data) * 2 // 3])
+    faults["e_truncated"] = "truncated RTSTRUCT"
+    return faults
+
+
+def test_hostile_cohort_skip_bad_keeps_every_good_patient(cohort, tmp_path, capsys):
+    raw = _subset(cohort, tmp_path, ("nifti", "nrrd"))
+    faults = _damaged_copies(cohort, raw)
+    data = str(tmp_path / "data")
+    rc, err, out = _cli(["--raw", raw, "--data", data, "--folds", "2", "--jobs", "2"])
+    key = json.load(open(os.path.join(data, "pseudonym_key.json")))["pseudonyms"]
+    bad = [(p, faults[n]) for p, n in key.items() if faults.get(n)]
+    assert rc == 2 and any(err[0].startswith("make_data: error: patient %s, file " % p) and w in err[0]
+                           for p, w in bad), err
+    assert not os.path.exists(os.path.join(data, "manifest.json"))
+
+    rc, err, out = _cli(["--raw", raw, "--data", data, "--folds", "2", "--jobs", "2", "--skip-bad"])
+    assert rc == 0, err
+    man = json.load(open(os.path.join(data, "manifest.json")))
+    key = json.load(open(os.path.join(data, "pseudonym_key.json")))["pseudonyms"]
+    kept = sorted(key[p["id"]] for p in man["patients"])
+    assert kept == sorted(["d_blank_sop", NAMES["nifti"], NAMES["nrrd"]])
+    reasons = {key[s["id"]]: s["reason"] for s in man["skipped"]}
+    assert sorted(reasons) == sorted(n for n, w in faults.items() if w)
+    for name, reason in reasons.items():
+        assert reason.startswith("patient %s, file " % [p for p, n in key.items() if n == name][0])
+        assert faults[name] in reason, reason
+        assert "Phantom" not in reason and raw not in reason and name not in reason
+    assert "skipped 4 patient(s):" in out
+
+
+def _unshare(tmp_path):
+    """`unshare` options for a private mount namespace where mounting works here, else None. In the
+    runtime's chroot / is no mount point, so the propagation is left as is -- only where the mounts
+    are private already (runtime.sh's namespace), so that nothing can leak out."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    test = ["sh", "-c", "mount -t tmpfs -o size=64k tmpfs \"$0\"", str(probe)]
+    for opts in (["--propagation", "private"], ["--propagation", "unchanged"]):
+        if opts[1] == "unchanged":
+            r = subprocess.run(["findmnt", "-no", "PROPAGATION", "-T", str(probe)], capture_output=True, text=True)
+            if r.returncode != 0 or r.stdout.strip() != "private":
+                return None
+        if subprocess.run(["unshare", "-m"] + opts + test, capture_output=True).returncode == 0:
+            return ["unshare", "-m"] + opts
+    return None
+
+
+@pytest.mark.parametrize("fault", ["read-only", "disk full"])
+def test_output_errors_stop_the_run_and_blame_data(cohort, tmp_path, fault):
+    raw = _subset(cohort, tmp_path, ("nifti", "nrrd"))
+    data = str(tmp_path / "out data")
+    os.makedirs(data)
+    args = ["--raw", raw, "--data", data, "--folds", "2", "--jobs", "2"]
+    unshare = _unshare(tmp_path)
+    if os.geteuid() != 0 and fault == "read-only":
+        prefix = ()
+        os.chmod(data, 0o555)
+    elif unshare:
+        # a private mount namespace: the read-only bind or the tiny file system vanish with the process
+        mount = ("mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro \"$1\"" if fault == "read-only"
+                 else "mount -t tmpfs -o size=96k tmpfs \"$1\"")
+        prefix = tuple(unshare) + ("sh", "-c", mount + " && shift && exec \"$@\"", "sh", data)
+    else:
+        pytest.skip("needs root (mount namespaces) to fill a file system")
+    for extra in ([], ["--skip-bad"]):
+        rc, err, out = _cli(args + extra, prefix)
+        assert rc == 1 and len(err) == 1, err
+        assert err[0].startswith("make_data: error: cannot write DATA %s: " % data), err
+        assert ("Read-only file system" in err[0] or "Permission denied" in err[0]) if fault == "read-only" \
+            else ("No space left on device" in err[0] or "errno = 28" in err[0]), err
+        assert "patient P0" not in err[0] and "skipped" not in out
+    os.chmod(data, 0o755)
+    assert not os.path.exists(os.path.join(data, "manifest.json"))
+
+
+def test_a_second_run_on_the_same_data_refuses(cohort, tmp_path):
+    import fcntl
+    raw = _subset(cohort, tmp_path, ("nifti", "nrrd"))
+    data = str(tmp_path / "data")
+    os.makedirs(data)
+    with open(os.path.join(data, make_data.LOCK_FILE), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)           # a first run holds DATA
+        rc, err, out = _cli(["--raw", raw, "--data", data, "--folds", "2", "--jobs", "1"])
+    assert rc == 1 and len(err) == 1 and "is in use by another make data run" in err[0], err
+    assert os.listdir(data) == [make_data.LOCK_FILE]                  # nothing written, nothing removed
+    rc, err, out = _cli(["--raw", raw, "--data", data, "--folds", "2", "--jobs", "1"])   # lock released
+    assert rc == 0, err

@@ -8,7 +8,10 @@ whatever the reader did), so that the mask lies voxel for voxel on the input ima
 
 seg.dcm is a standard BINARY DICOM Segmentation (highdicom) with one segment "Tumor", algorithm
 type AUTOMATIC, algorithm "TS-FCN", whose frames reference the source CT instances (the Scan's
-pixel-free headers). Every file is written atomically (atomic.atomic_path).
+pixel-free headers). It keeps the source's SpecificCharacterSet, so the patient and study attributes
+highdicom copies from the source (names in any script) are encoded as the source encodes them;
+without it they would be written as ASCII and a non-ASCII name mangled. Every file is written
+atomically (atomic.atomic_path).
 """
 import copy
 import os
@@ -18,7 +21,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 import atomic
-from data_prep import readers
+from data_prep import dicom_series, readers
 
 SEG_ALGORITHM = "TS-FCN"
 SEG_SEGMENT_LABEL = "Tumor"
@@ -132,10 +135,13 @@ _TYPE2_DEFAULTS = {"PatientID": "", "PatientName": "", "PatientBirthDate": "", "
 
 
 def seg_sources(headers):
-    """Copies of the source headers with what highdicom reads and pixel-free headers may lack."""
+    """Copies of the source headers with what highdicom reads and pixel-free headers may lack, and
+    the SOP class the reader went by where SOPClassUID is blank (de-identified series)."""
     out = []
     for ds in headers:
         ds = copy.copy(ds)
+        if not str(ds.get("SOPClassUID", "") or "").strip():
+            ds.SOPClassUID = dicom_series.sop_class(ds) or dicom_series.CT_IMAGE
         for key, value in _TYPE2_DEFAULTS.items():
             if key not in ds:
                 setattr(ds, key, value)
@@ -162,7 +168,7 @@ def dicom_seg(mask_zyx, scan):
         algorithm_identification=algorithm,
         tracking_uid=hd.UID(), tracking_id=SEG_SEGMENT_LABEL,
         anatomic_regions=[codes.SCT.Lung])
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=seg_sources(headers), pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
@@ -171,6 +177,12 @@ def dicom_seg(mask_zyx, scan):
         manufacturer="TS-FCN toolkit", manufacturer_model_name=SEG_ALGORITHM,
         software_versions=SOFTWARE_VERSION, device_serial_number="1",
         series_description=SEG_SERIES_DESCRIPTION)
+    charset = headers[0].get("SpecificCharacterSet") if headers else None
+    if charset:
+        # the copied values are decoded text: written under the source's character set, they are
+        # encoded back as the source had them
+        seg.SpecificCharacterSet = charset
+    return seg
 
 
 def write_seg(path, mask_zyx, scan):

@@ -14,16 +14,19 @@ BOX is ``x0,y0,x1,y1`` in pixel coordinates of the slices as displayed (x = colu
 (equivalently, x0..x1 and y0..y1 are pixel *edges*). A box may touch the image edge (x1 = width) but
 not leave it. SLICES ``z0:z1`` is a half-open range of slice indices of the sorted series (index 0 =
 the first slice along the slice normal); default: all slices. ROI (a mask file, RTSTRUCT or DICOM-SEG)
-replaces both: its bounding box over its slices is used. One box serves the whole SLICES range, grown
+replaces both: its bounding box over its slices is used; --roi-regex picks its ROI/segment by name
+exactly as `make data`'s --roi does. One box serves the whole SLICES range, grown
 with the training rule (data_prep.crop.box_for_extent: square, 2x the largest extent, at least 100).
 Slices outside SLICES are left empty.
 
 Outputs in OUT: mask.nii.gz, prob.nii.gz, seg.dcm (DICOM scans), overlays/slice_NNN.png,
-summary.json. No patient-identifying text goes into logs or summary.json.
+summary.json. No patient-identifying text goes into logs or summary.json: a refusal is one line, with
+the readers' redaction (no DICOM names or IDs) and the scan's and ROI's paths written SCAN and ROI_FILE.
 """
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -93,13 +96,16 @@ def check_box(box_xy: Sequence[int], shape_yx: Sequence[int]) -> None:
 
 
 def check_ct(scan) -> None:
-    """DICOM scans must be CT (NIfTI/NRRD carry no modality and are taken as CT in HU)."""
+    """DICOM scans must be CT. The reader keeps only CT images (by SOP class, file meta, or Modality
+    with pixel data: data_prep.dicom_series); a CT-class series whose Modality names another modality
+    (PT, MR) is refused here. An empty or missing Modality is no objection (de-identification tools
+    blank it). NIfTI/NRRD carry no modality and are taken as CT in HU."""
     headers = getattr(scan, "headers", None) or []
     if headers:
-        modality = str(getattr(headers[0], "Modality", "") or "")
-        if modality.upper() != "CT":
+        modality = str(getattr(headers[0], "Modality", "") or "").strip()
+        if modality and modality.upper() != "CT":
             raise SegmentError("scan is not CT (Modality %s): the net was trained on CT in Hounsfield "
-                               "units" % (modality or "missing",))
+                               "units" % modality)
 
 
 def roi_extent(mask_zyx) -> Tuple[Tuple[int, int, int, int], Tuple[int, int]]:
@@ -253,7 +259,7 @@ def request_region(args, scan):
         from data_prep import readers
         if not os.path.exists(args.roi):
             raise SegmentError("--roi not found (give a mask file, an RTSTRUCT/DICOM-SEG or its folder)")
-        box_xy, (z0, z1) = roi_extent(readers.load_roi_mask(args.roi, scan))
+        box_xy, (z0, z1) = roi_extent(readers.load_roi_mask(args.roi, scan, roi_regex=args.roi_regex))
     else:
         box_xy = parse_box(args.box)
         z0, z1 = parse_slices(args.slices, n_slices)
@@ -273,6 +279,9 @@ def build_parser():
     region.add_argument("--box", help="x0,y0,x1,y1 around the tumor (half-open, x = column, y = row)")
     region.add_argument("--roi", help="rough ROI instead of --box/--slices: a mask file (NIfTI/NRRD) "
                                       "or an RTSTRUCT/DICOM-SEG; its bounding box is used")
+    p.add_argument("--roi-regex", default=paper.ROI_REGEX,
+                   help="with --roi: regex (case-insensitive) choosing the ROI/segment of an RTSTRUCT/SEG, as "
+                        "`make data`'s --roi (a single ROI is used whatever its name; default %(default)r)")
     p.add_argument("--slices", help="z0:z1, half-open range of slices to segment (default: all)")
     p.add_argument("--model", required=True, help="trained .caffemodel")
     p.add_argument("--prototxt", default=DEFAULT_PROTOTXT,
@@ -295,6 +304,10 @@ def run(args, predictor_factory=None):
     from tools import seg_output
     if args.roi and args.slices:
         raise SegmentError("--slices goes with --box; --roi gives the slices itself")
+    try:
+        re.compile(args.roi_regex)
+    except re.error as e:
+        raise SegmentError("--roi-regex %r is not a valid regex: %s" % (args.roi_regex, e))
     if not os.path.isfile(args.model):
         raise SegmentError("model file not found: %s" % args.model)
     if os.path.getsize(args.model) == 0 and predictor_factory is None:
@@ -374,13 +387,25 @@ def _glue_values(argv):
     return out
 
 
+def error_line(error, args) -> str:
+    """The one error line: the scan's and the ROI's paths (which may name the patient) replaced by
+    SCAN and ROI_FILE; the readers have already removed DICOM names and IDs."""
+    from data_prep import errors
+    text = str(error)
+    for path, name in ((getattr(args, "scan", None), "SCAN"), (getattr(args, "roi", None), "ROI_FILE")):
+        if path:
+            text = errors.redact(text, {path, os.path.abspath(path), os.path.realpath(path)},
+                                 ignore_case=False, by=name)
+    return "segment: error: " + " ".join(text.split())
+
+
 def main(argv=None):
     args = build_parser().parse_args(_glue_values(sys.argv[1:] if argv is None else list(argv)))
     from data_prep import errors
     try:
         s = run(args)
     except (SegmentError, errors.BadInput) as e:
-        print("segment: error: %s" % e, file=sys.stderr)
+        print(error_line(e, args), file=sys.stderr)
         return 2
     print("segment: %d slices %d:%d, %.2f s/slice (%.1f s total), tumor on %d slices, %.2f mL -> %s"
           % (s["segmented_slices"], s["slices"][0], s["slices"][1], s["seconds_per_slice"],
