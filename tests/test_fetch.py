@@ -31,9 +31,18 @@ def _fetch(args, timeout=600, **kw):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, **kw)
 
 
+def _deps(name):
+    """The optional set, installed on first use; the tests skip only where PyPI cannot be reached (a
+    container without the host's CA, say) -- CI's `make fetch` step fails hard in that case."""
+    try:
+        return extra_deps.ensure(name)
+    except extra_deps.InstallError as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="module")
 def fetch_deps():
-    return extra_deps.ensure("fetch")
+    return _deps("fetch")
 
 
 # --- the plan, from the real index ---------------------------------------------------------------------
@@ -123,7 +132,7 @@ def s3(fetch_deps, tmp_path_factory):
     """moto's S3 on 127.0.0.1 with a bucket laid out as IDC's, and an index (csv) of what it holds.
 
     Patients 0-2 are complete; patient 3's CT series misses one instance in the bucket."""
-    server_deps = extra_deps.ensure("s3-test-server")
+    server_deps = _deps("s3-test-server")
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -247,7 +256,7 @@ def test_download_resume_rerun_and_make_data(s3, tmp_path):
     assert make_data.main(["--raw", out, "--data", data, "--folds", "3", "--jobs", "1", "--no-progress"]) == 0
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     assert [p["id"] for p in manifest["patients"]] == ["P001", "P002", "P003"] and not manifest["skipped"]
-    assert all(p["source_kind"] == "rtstruct" and p["slices"] > 0 for p in manifest["patients"])
+    assert all(p["source_kind"] == "dicom-rtstruct" and p["slices"] > 0 for p in manifest["patients"])
     key = json.load(open(os.path.join(data, "pseudonym_key.json")))
     assert sorted(json.dumps(key).count(pid) for pid in good) == [1, 1, 1]
 
