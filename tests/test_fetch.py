@@ -131,7 +131,8 @@ def test_make_fetch_passes_values_verbatim(fetch_deps, tmp_path):
 def s3(fetch_deps, tmp_path_factory):
     """moto's S3 on 127.0.0.1 with a bucket laid out as IDC's, and an index (csv) of what it holds.
 
-    Patients 0-2 are complete; patient 3's CT series misses one instance in the bucket."""
+    Patients 0-2 are complete; patient 3's CT series misses one instance in the bucket; MISMATCH-1 pairs
+    patient 0's CT with patient 1's RTSTRUCT."""
     server_deps = _deps("s3-test-server")
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -182,12 +183,16 @@ def s3(fetch_deps, tmp_path_factory):
                              "instanceCount": len(files), "series_size_MB": sum(map(os.path.getsize, files)) / 1e6,
                              "aws_bucket": BUCKET, "crdc_series_uuid": crdc, "license_short_name": "CC BY 4.0",
                              "source_DOI": "10.0000/phantom"})
+        ids = sorted({r["PatientID"] for r in rows})
+        # an index that pairs patient 0's CT with patient 1's RTSTRUCT (one study): the files disagree
+        ct0 = next(r for r in rows if r["PatientID"] == ids[0] and r["Modality"] == "CT")
+        rt1 = next(r for r in rows if r["PatientID"] == ids[1] and r["Modality"] == "RTSTRUCT")
+        rows += [dict(r, PatientID="MISMATCH-1", StudyInstanceUID="1.2.826.0.1.3680043.8.498.1") for r in (ct0, rt1)]
         index = os.path.join(src, "index.csv")
         with open(index, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        ids = sorted({r["PatientID"] for r in rows})
         yield {"endpoint": endpoint, "index": index, "ids": ids, "sources": sources}
     finally:
         server.terminate()
@@ -256,7 +261,7 @@ def test_download_resume_rerun_and_make_data(s3, tmp_path):
     assert make_data.main(["--raw", out, "--data", data, "--folds", "3", "--jobs", "1", "--no-progress"]) == 0
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     assert [p["id"] for p in manifest["patients"]] == ["P001", "P002", "P003"] and not manifest["skipped"]
-    assert all(p["source_kind"] == "dicom-rtstruct" and p["slices"] > 0 for p in manifest["patients"])
+    assert all(p["source_kind"] == "dicom-rtstruct" and len(p["slices"]) > 0 for p in manifest["patients"])
     key = json.load(open(os.path.join(data, "pseudonym_key.json")))
     assert sorted(json.dumps(key).count(pid) for pid in good) == [1, 1, 1]
 
@@ -271,3 +276,11 @@ def test_incomplete_series_is_refused(s3, tmp_path):
     assert not os.path.exists(os.path.join(out, short))                  # never handed to make data
     assert len([n for n in _files(os.path.join(out, fetch.STAGING)) if n.endswith(".dcm")]) == SLICES
     assert "run the same command again" in r.stderr.strip().splitlines()[-1]
+
+
+def test_rtstruct_of_another_series_is_refused(s3, tmp_path):
+    out = str(tmp_path / "raw")
+    r = _fetch(_args(s3, out, ["MISMATCH-1"]))
+    assert r.returncode == 1 and not os.path.exists(os.path.join(out, "MISMATCH-1"))
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("fetch: MISMATCH-1: RTSTRUCT_")]
+    assert len(lines) == 1 and "does not reference the planned CT series" in lines[0], r.stderr
