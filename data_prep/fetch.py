@@ -175,8 +175,11 @@ def run_s5cmd(s5cmd, endpoint, manifest_lines, cwd, total_bytes, jobs, progress=
         manifest = f.name
     err = tempfile.TemporaryFile("w+")
     cmd = [s5cmd, "--no-sign-request", "--endpoint-url", endpoint, "--numworkers", str(jobs), "run", manifest]
+    env = dict(os.environ)
+    if "SSL_CERT_FILE" not in env and os.path.exists(extra_deps.HOST_CA):
+        env["SSL_CERT_FILE"] = extra_deps.HOST_CA      # the host's CA bundle, for a TLS-intercepting network
     start = _dir_bytes(cwd)
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="fetch", file=sys.stderr,
                   disable=not progress) as bar:
