@@ -30,7 +30,7 @@ GPUS     ?=
 gpu_flag = $(if $(GPU),--gpu $(GPU))
 
 .PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation segment bench \
-        docker docker-test caffe-cuda clean fetch
+        docker docker-test caffe-cuda clean
 
 help: ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -90,6 +90,7 @@ segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=...) MODE
 # --- make fetch (issue 18) ------------------------------------------------------------------------------
 # Values reach the tool through the environment, verbatim ($(value …): no make or shell evaluation of
 # what they hold). N and SEED are passed only when given (the file defaults above are for phantoms).
+.PHONY: fetch
 given = $(filter-out undefined default file,$(origin $(1)))
 fetch: export FETCH_COHORT = $(value COHORT)
 fetch: export FETCH_OUT = $(value OUT)
