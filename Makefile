@@ -124,6 +124,28 @@ segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=... [ROI=
 	  $(call opt,--threshold,THRESHOLD) $(call opt,--prototxt,PROTOTXT) $(call opt,--batch,BATCH) \
 	  $(call opt,--hu-window,HU_WINDOW) $(call opt,--gpu,GPU)
 
+# --- make fetch (issue 18) ------------------------------------------------------------------------------
+# Values reach the tool through the environment, verbatim ($(value …): no make or shell evaluation of
+# what they hold). N and SEED are passed only when given (the file defaults above are for phantoms).
+.PHONY: fetch
+given = $(filter-out undefined default file,$(origin $(1)))
+fetch: export FETCH_COHORT = $(value COHORT)
+fetch: export FETCH_OUT = $(value OUT)
+fetch: export FETCH_N = $(if $(call given,N),$(value N))
+fetch: export FETCH_SEED = $(if $(call given,SEED),$(value SEED))
+fetch: export FETCH_PATIENTS = $(value PATIENTS)
+fetch: export FETCH_ENDPOINT = $(value ENDPOINT)
+fetch: export FETCH_PLAN_ONLY = $(value PLAN_ONLY)
+fetch: runtime ## COHORT=nsclc-radiomics OUT=dir [N=n [SEED=s] | PATIENTS=id,id PLAN_ONLY=1 ENDPOINT=url]: CT + RTSTRUCT from the IDC
+	@[ -n "$$FETCH_COHORT" ] && [ -n "$$FETCH_OUT" ] || { echo "make fetch: give COHORT=… and OUT=dir" >&2; exit 2; }
+	@args=(--cohort "$$FETCH_COHORT" --out "$$FETCH_OUT"); \
+	[ -z "$$FETCH_N" ] || args+=(--n "$$FETCH_N"); \
+	[ -z "$$FETCH_SEED" ] || args+=(--seed "$$FETCH_SEED"); \
+	[ -z "$$FETCH_PATIENTS" ] || args+=(--patients "$$FETCH_PATIENTS"); \
+	[ -z "$$FETCH_ENDPOINT" ] || args+=(--endpoint-url "$$FETCH_ENDPOINT"); \
+	[ -z "$$FETCH_PLAN_ONLY" ] || args+=(--plan-only); \
+	$(IN_RUNTIME) $(PYTHON) -m data_prep.fetch "$${args[@]}"
+
 bench: runtime ## measure every stage -> bench/results.json and a table
 	$(IN_RUNTIME) $(PY) tools/bench.py --out bench/results.json $(call opt,--gpu,GPU)
 
