@@ -122,7 +122,7 @@ segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=... [ROI=
 	$(IN_RUNTIME) $(PY) tools/segment.py $(call opt,--scan,SCAN) $(call opt,--box,BOX) $(call opt,--slices,SLICES) \
 	  $(call opt,--roi,ROI_FILE) $(call opt,--roi-regex,ROI) $(call opt,--model,MODEL) $(call opt,--out,OUT) \
 	  $(call opt,--threshold,THRESHOLD) $(call opt,--prototxt,PROTOTXT) $(call opt,--batch,BATCH) \
-	  $(call opt,--hu-window,HU_WINDOW) $(call opt,--gpu,GPU)
+	  $(call opt,--hu-window,HU_WINDOW) $(call opt,--resize,RESIZE) $(call opt,--gpu,GPU)
 
 # --- make fetch (issue 18) ------------------------------------------------------------------------------
 # Values reach the tool through the environment, verbatim ($(value …): no make or shell evaluation of

@@ -384,9 +384,9 @@ def _demo_cohort_params():
 @pytest.mark.skipif(not os.path.isfile(DEMO_MODEL),
                     reason="no runs/demo/fold0/final.caffemodel: run `make demo` first to train the demo model")
 def test_demo_model_segments_an_unseen_phantom(tmp_path, capsys):
-    """The model `make demo` trains (fast profile) segments a phantom it never saw, a 40 mm tumor.
-    Measured: Dice 0.67-0.80 and recall >= 0.97 on four such phantoms (an untrained net: ~0.1). The fast
-    profile over-segments (the 0.96/0.04 weights), so recall is high and precision is what it lacks."""
+    """The model `make demo` trains (fast profile) segments a phantom it never saw, a 40 mm tumor, with the
+    run's own decision rule (p > 0.96, read from run.json beside the model). Measured with the 250-iteration
+    profile: Dice 0.780, recall 0.748, predicted/true 0.92 (an untrained net: ~0.1)."""
     from data_prep import phantoms
     seed, size = _demo_cohort_params()
     p = phantoms.make_patient(seed, 10000, "rtstruct", tumor_mm=40, size=size)   # an index the cohort never has
@@ -402,7 +402,10 @@ def test_demo_model_segments_an_unseen_phantom(tmp_path, capsys):
     truth = p["mask"] > 0
     d = score.dice(mask, truth)
     recall = (mask.astype(bool) & truth).sum() / truth.sum()
-    assert d >= 0.6 and recall >= 0.95, "demo model 3D Dice %.3f, recall %.3f on an unseen phantom" % (d, recall)
+    ratio = mask.astype(bool).sum() / truth.sum()
+    assert d >= 0.65 and 0.6 <= ratio <= 1.4, "demo model 3D Dice %.3f, recall %.3f, predicted/true %.2f on an " \
+        "unseen phantom" % (d, recall, ratio)
+    assert json.load(open(os.path.join(out, "summary.json")))["threshold"] == pytest.approx(0.96)
 
 
 def test_roi_from_rtstruct_gives_box_and_slices(phantom, tmp_path):
@@ -522,3 +525,45 @@ def test_make_segment_hostile_paths_blank_sop_class_charset_and_roi_pattern(phan
     assert str(pydicom.dcmread(os.path.join(out, "seg.dcm")).PatientName) == "Łukasz^Żółć"
     for where in (REPO, str(tmp_path), str(root), os.getcwd()):
         assert not any(os.path.exists(os.path.join(where, n)) for n in ("pwned1", "pwned2"))
+
+
+def test_the_model_runs_own_settings_are_used(tmp_path):
+    """A caffemodel in a train.py run folder brings its decision rule (run.json) and its data's HU window and
+    resize mode (manifest); the command line overrides them; elsewhere the report's defaults apply."""
+    import json
+    data, run = tmp_path / "data", tmp_path / "run"
+    (run / "snapshots").mkdir(parents=True)
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"params": {"hu_window": [-1000.0, 400.0], "resize": "antialias"}}))
+    (run / "run.json").write_text(json.dumps({"decision": "prior", "class_weights": [0.04, 0.96], "data": str(data)}))
+    for model in (run / "final.caffemodel", run / "snapshots" / "ts_fcn_iter_5.caffemodel"):
+        model.write_bytes(b"x")
+        got = seg.model_settings(str(model))
+        assert got["threshold"] == pytest.approx(0.96)
+        assert got["hu_window"] == [-1000.0, 400.0] and got["resize"] == "antialias"
+    alone = tmp_path / "elsewhere.caffemodel"
+    alone.write_bytes(b"x")
+    assert seg.model_settings(str(alone)) == {"threshold": 0.5, "hu_window": list(paper.HU_WINDOW),
+                                              "resize": paper.DEFAULT_RESIZE,
+                                              "from": "defaults (no run.json beside the model)"}
+    assert (seg.threshold_mask(np.array([0.5, 0.96, 0.97]), 0.96) == [0, 0, 1]).all()   # score.predict's rule
+
+
+def test_segment_uses_the_runs_threshold_end_to_end(phantom, tmp_path):
+    """make segment with a model in a run folder thresholds at the run's p > 0.96, unless --threshold says otherwise."""
+    import json
+    p, folder = phantom
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"decision": "prior", "class_weights": [0.04, 0.96]}))
+    model = run / "final.caffemodel"
+    model.write_bytes(b"")
+    box_xy, (z0, z1) = seg.roi_extent(p["mask"])
+    flat = lambda x: np.full((len(x), 100, 100), 0.9, np.float32)        # p = 0.9 everywhere in the box
+    base = ["--scan", folder, "--box", ",".join(map(str, box_xy)), "--slices", "%d:%d" % (z0, z1),
+            "--model", str(model), "--no-png"]
+    s = seg.run(seg.build_parser().parse_args(base + ["--out", str(tmp_path / "a")]), predictor_factory=lambda: flat)
+    assert s["threshold"] == pytest.approx(0.96) and s["tumor_voxels"] == 0 and s["settings_from"].startswith("run.json")
+    s = seg.run(seg.build_parser().parse_args(base + ["--out", str(tmp_path / "b"), "--threshold", "0.5"]),
+                predictor_factory=lambda: flat)
+    assert s["threshold"] == 0.5 and s["tumor_voxels"] > 0

@@ -19,6 +19,11 @@ exactly as `make data`'s --roi does. One box serves the whole SLICES range, grow
 with the training rule (data_prep.crop.box_for_extent: square, 2x the largest extent, at least 100).
 Slices outside SLICES are left empty.
 
+The model's own settings: when the caffemodel lies in a run folder of tools/train.py (RUN/final.caffemodel or
+RUN/snapshots/...), its run.json gives the decision rule (tools/score.py: the tumor probability threshold)
+and its DATA's manifest the HU window and the resize mode the model was trained with; --threshold,
+--hu-window and --resize override them, and without a run folder the report's defaults apply.
+
 Outputs in OUT: mask.nii.gz, prob.nii.gz, seg.dcm (DICOM scans), overlays/slice_NNN.png,
 summary.json. No patient-identifying text goes into logs or summary.json: a refusal is one line, with
 the readers' redaction (no DICOM names or IDs) and the scan's and ROI's paths written SCAN and ROI_FILE.
@@ -40,6 +45,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # `python3 tools/segme
 import atomic  # noqa: E402
 import paper  # noqa: E402
 from data_prep import crop, intensity  # noqa: E402
+from tools import score  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PROTOTXT = os.path.join(REPO, "prototxt", "deploy.prototxt")
@@ -131,9 +137,11 @@ def grown_box(box_xy: Sequence[int]) -> crop.Box:
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def net_input(hu_zyx, box: crop.Box, z0: int, z1: int, window=paper.HU_WINDOW) -> np.ndarray:
+def net_input(hu_zyx, box: crop.Box, z0: int, z1: int, window=paper.HU_WINDOW,
+              resize=paper.DEFAULT_RESIZE) -> np.ndarray:
     """Slices z0:z1 cut exactly as `make data` does: float32 (N, 3, size, size)."""
-    crops = crop.crop_slice(np.asarray(hu_zyx)[z0:z1], box, fill=paper.AIR_HU, size=paper.INPUT_SIZE)
+    crops = crop.crop_slice(np.asarray(hu_zyx)[z0:z1], box, fill=paper.AIR_HU, size=paper.INPUT_SIZE,
+                            resize=resize)
     return intensity.hu_to_net(crops, window)
 
 
@@ -146,17 +154,48 @@ def back_map(prob_crops, box: crop.Box, z0: int, shape_zyx) -> np.ndarray:
     return out
 
 
-def threshold_mask(prob, threshold=paper.LABEL_THRESHOLD) -> np.ndarray:
-    """prob >= threshold -> uint8 {0, 1}."""
-    return (np.asarray(prob) >= threshold).astype(np.uint8)
+def threshold_mask(prob, threshold=0.5) -> np.ndarray:
+    """tools/score.py's rule (prob > threshold) as uint8 {0, 1}."""
+    return score.predict(prob, threshold).astype(np.uint8)
+
+
+def model_settings(model):
+    """What the model was trained with, from the run folder it lies in: {"threshold", "hu_window", "resize",
+    "from"}; the report's defaults (argmax, paper.HU_WINDOW, bilinear) where there is no run.json."""
+    import json
+    out = {"threshold": score.tumor_threshold(), "hu_window": list(paper.HU_WINDOW),
+           "resize": paper.DEFAULT_RESIZE, "from": "defaults (no run.json beside the model)"}
+    folder = os.path.dirname(os.path.abspath(model))
+    for run in (folder, os.path.dirname(folder)):          # RUN/final.caffemodel or RUN/snapshots/*.caffemodel
+        path = os.path.join(run, "run.json")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            out["threshold"] = score.tumor_threshold(info.get("decision", score.DEFAULT_DECISION),
+                                                     info.get("class_weights", paper.CLASS_WEIGHTS))
+            out["from"] = "run.json (decision %s)" % info.get("decision", score.DEFAULT_DECISION)
+            manifest = os.path.join(info.get("data", ""), "manifest.json")
+            if os.path.isfile(manifest):
+                with open(manifest) as f:
+                    params = json.load(f)["params"]
+                out["hu_window"] = list(params.get("hu_window", out["hu_window"]))
+                out["resize"] = params.get("resize", out["resize"])
+                out["from"] += " and its data's manifest"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SegmentError("the model's run.json or manifest cannot be read (%s); pass --threshold, "
+                               "--hu-window and --resize" % type(e).__name__)
+        break
+    return out
 
 
 def segment_volume(hu_zyx, box: crop.Box, z0: int, z1: int, predict: Predict,
-                   threshold=paper.LABEL_THRESHOLD, window=paper.HU_WINDOW):
+                   threshold=0.5, window=paper.HU_WINDOW, resize=paper.DEFAULT_RESIZE):
     """The whole back-mapping pipeline around `predict`. Returns (prob, mask, seconds) where prob is
     float32 and mask uint8 on the scan's (Z, Y, X) grid and seconds times the stages."""
     t0 = time.perf_counter()
-    x = net_input(hu_zyx, box, z0, z1, window)
+    x = net_input(hu_zyx, box, z0, z1, window, resize)
     t1 = time.perf_counter()
     p = np.asarray(predict(x), dtype=np.float32)
     if p.shape != (z1 - z0, x.shape[-2], x.shape[-1]):
@@ -287,12 +326,17 @@ def build_parser():
     p.add_argument("--prototxt", default=DEFAULT_PROTOTXT,
                    help="deploy net (default: prototxt/deploy.prototxt of this checkout)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=paper.LABEL_THRESHOLD,
-                   help="tumor probability threshold (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="tumor probability threshold (default: the model run's decision rule, tools/score.py; "
+                        "0.5, argmax, without a run.json beside the model)")
+    p.add_argument("--resize", choices=paper.RESIZE_MODES, default=None,
+                   help="box -> 100x100 resize the model was trained with (default: its data's manifest, else "
+                        "%s)" % paper.DEFAULT_RESIZE)
     p.add_argument("--batch", type=int, default=None,
                    help="images per forward (default: %d on the CPU, %d on a GPU)" % (DEFAULT_BATCH, DEFAULT_GPU_BATCH))
     p.add_argument("--hu-window", default=None,
-                   help="lo,hi HU window the model was trained with (default: %s)" % (paper.HU_WINDOW,))
+                   help="lo,hi HU window the model was trained with (default: its data's manifest, else %s)"
+                        % (paper.HU_WINDOW,))
     p.add_argument("--gpu", type=int, default=None, help="GPU id (default: CPU)")
     p.add_argument("--no-png", action="store_true", help="skip the PNG overlays")
     return p
@@ -318,10 +362,13 @@ def run(args, predictor_factory=None):
         raise SegmentError("--batch must be at least 1, got %d" % args.batch)
     if not os.path.isfile(args.prototxt):
         raise SegmentError("deploy prototxt not found: %s" % args.prototxt)
-    if not 0.0 < args.threshold < 1.0:
-        raise SegmentError("--threshold must be between 0 and 1, got %s" % args.threshold)
+    settings = model_settings(args.model)
+    threshold = settings["threshold"] if args.threshold is None else args.threshold
+    if not 0.0 < threshold < 1.0:
+        raise SegmentError("--threshold must be between 0 and 1, got %s" % threshold)
+    resize = args.resize or settings["resize"]
     try:
-        window = intensity.parse_window(args.hu_window) if args.hu_window else paper.HU_WINDOW
+        window = intensity.parse_window(args.hu_window) if args.hu_window else tuple(settings["hu_window"])
     except ValueError as e:
         raise SegmentError("--hu-window: %s" % e)
     if not os.path.exists(args.scan):
@@ -337,7 +384,7 @@ def run(args, predictor_factory=None):
     factory = predictor_factory or (lambda: CaffePredictor(args.prototxt, args.model, args.batch, args.gpu))
     predict = factory()
     t_net = time.perf_counter()
-    prob, mask, seconds = segment_volume(scan.hu, box, z0, z1, predict, args.threshold, window)
+    prob, mask, seconds = segment_volume(scan.hu, box, z0, z1, predict, threshold, window, resize)
     t_seg = time.perf_counter()
 
     written = seg_output.write_all(args.out, scan, prob, mask, (z0, z1), box,
@@ -359,8 +406,10 @@ def run(args, predictor_factory=None):
         "tumor_slices": tumor_slices,
         "tumor_voxels": int(mask.sum()),
         "volume_ml": float(mask.sum()) * voxel_ml,
-        "threshold": float(args.threshold),
+        "threshold": float(threshold),
         "hu_window": [float(v) for v in window],
+        "resize": resize,
+        "settings_from": settings["from"] if None in (args.threshold, args.hu_window, args.resize) else "command line",
         "model": os.path.basename(args.model),
         "prototxt": os.path.basename(args.prototxt),
         "batch": int(args.batch),
