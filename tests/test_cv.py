@@ -13,13 +13,14 @@ from tools import ablation, cv
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _metrics(run, per, profile="fast"):
+def _metrics(run, per, profile="fast", ceiling=0.95):
     from tools import score
     os.makedirs(run, exist_ok=True)
     m, sd = score.mean_sd(per.values())
     with open(os.path.join(run, "metrics.json"), "w") as f:
         json.dump({"mean_dice_3d": m, "sd_dice_3d": sd, "profile": profile, "iterations": 10,
-                   "per_patient": {p: {"dice_3d": d} for p, d in per.items()}}, f)
+                   "ceiling_dice_3d": ceiling, "mean_pred_ratio": 1.1,
+                   "per_patient": {p: {"dice_3d": d, "ceiling_dice_3d": ceiling} for p, d in per.items()}}, f)
 
 
 def test_cv_table(tmp_path):
@@ -32,7 +33,9 @@ def test_cv_table(tmp_path):
     assert t["sd_over_folds"] == pytest.approx(0.1414213562, abs=1e-8)
     assert t["mean_over_patients"] == pytest.approx(2.3 / 3) and t["patients"] == 3
     text = cv.markdown(t)
-    assert "| 0 | 2 | 0.700 ± 0.141 | 10 |" in text and "| 2 | – | missing | – |" in text
+    assert "| 0 | 2 | 0.700 ± 0.141 | 0.600 | 0.950 | 74 % | 1.10 | 10 |" in text
+    assert "| 2 | – | missing | – | – | – | – | – |" in text
+    assert t["ceiling_over_patients"] == pytest.approx(0.95) and t["min_over_patients"] == 0.6
     assert "profile fast" in text
     assert t["folds"][0]["per_patient"] == {"P001": 0.8, "P002": 0.6}
     png = cv.figure(t, os.path.join(runs, "cv_dice.png"))
