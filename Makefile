@@ -9,7 +9,7 @@ SHELL := /bin/bash
 PYTHON   ?= python3
 RUNTIME  := tools/runtime/runtime.sh
 # Paths given on the command line that live outside the checkout are bind-mounted into the runtime.
-BIND_VARS := RAW DATA RUN SCAN OUT MODEL WEIGHTS SNAPSHOT ROI_FILE PROTOTXT
+BIND_VARS := RAW DATA RUN RUNS SCAN OUT MODEL WEIGHTS SNAPSHOT ROI_FILE PROTOTXT
 export TSFCN_BIND := $(subst $(eval) ,:,$(strip $(foreach v,$(BIND_VARS),$(if $($(v)),$(abspath $($(v)))))))
 IN_RUNTIME := $(RUNTIME) exec
 # GPU=id / GPUS=ids: the runtime swaps in the CUDA build of Caffe (make caffe-cuda).
@@ -29,6 +29,17 @@ GPUS     ?=
 
 gpu_flag = $(if $(GPU),--gpu $(GPU))
 
+# SCHEDULER=slurm on make cv / make ablation: the tool's runs go to Slurm as one job array, submitted from this
+# host by tools/slurm.py (Slurm's commands live here, not in the runtime); each task runs the same command
+# through the runtime on its node. SLURM_ARGS and SEEDS reach the tools through the environment, verbatim:
+# make and the shell never evaluate them. WAIT=1 blocks until the summary is written.
+cv ablation: export TSFCN_SLURM_ARGS = $(value SLURM_ARGS)
+cv ablation: export TSFCN_SEEDS = $(value SEEDS)
+scheduled = $(if $(filter-out slurm,$(SCHEDULER)),$(error SCHEDULER=$(SCHEDULER): the one scheduler is slurm \
+  (leave SCHEDULER unset to run here)))$(if $(filter slurm,$(SCHEDULER)),$(if $(GPU)$(GPUS),$(error \
+  with SCHEDULER=slurm the GPUs come from Slurm: SLURM_ARGS='--gres=gpu:1' instead of GPU/GPUS))$(PYTHON) -m \
+  tools.slurm submit --slurm-args "$$TSFCN_SLURM_ARGS" $(if $(filter-out 0,$(WAIT)),--wait) --,$(IN_RUNTIME) $(PYTHON))
+
 .PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation segment bench \
         docker docker-test caffe-cuda clean
 
@@ -44,8 +55,10 @@ runtime:
 exec: runtime ## run CMD='...' inside the runtime (PYTHONPATH has layers/), e.g. make exec CMD='caffe --version'
 	@$(IN_RUNTIME) bash -c '$(CMD)'
 
-test: runtime ## the test suite, in real Caffe
+test: runtime ## the test suite, in real Caffe; then tests/test_slurm.py on this host, against a local Slurm
 	$(IN_RUNTIME) $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	@case "$$TSFCN_PYTEST_ARGS" in ""|*test_slurm*) bash tests/run-on-host.sh "$$TSFCN_PYTEST_ARGS" ;; esac
+test: export TSFCN_PYTEST_ARGS = $(value PYTEST_ARGS)
 
 demo: runtime ## phantoms -> data -> train (fast profile) -> eval -> figures, under runs/demo/
 	$(IN_RUNTIME) bash tools/demo.sh
@@ -72,13 +85,13 @@ eval: runtime ## FOLD=k [RUN SNAPSHOT GPU]: caffe test + per-patient 3D Dice + f
 	$(IN_RUNTIME) $(PYTHON) tools/evaluate.py --fold $(FOLD) --data $(DATA) --run $(RUN) \
 	  $(if $(SNAPSHOT),--snapshot $(SNAPSHOT)) $(gpu_flag)
 
-cv: runtime ## [GPUS=0,1,... RUNS=runs/cv]: every fold, then the table of 3D Dice per fold
-	$(IN_RUNTIME) $(PYTHON) tools/cv.py --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) \
+cv: runtime ## [GPUS=0,1,... RUNS=runs/cv SEEDS=0,1,2 SCHEDULER=slurm SLURM_ARGS='...' WAIT=1]: every fold, then the table
+	$(scheduled) tools/cv.py --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) \
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(RUNS),--runs $(RUNS)) \
-	  $(if $(TRAIN_ARGS),--train-args '$(TRAIN_ARGS)')
+	  $(if $(SEEDS),--seeds "$$TSFCN_SEEDS") $(if $(TRAIN_ARGS),--train-args '$(TRAIN_ARGS)')
 
-ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum), weights 0.5/0.5: one table
-	$(IN_RUNTIME) $(PYTHON) tools/ablation.py --raw $(or $(RAW),runs/demo/raw) --out $(or $(OUT),runs/ablation) \
+ablation: runtime ## [RAW OUT TRAIN_ARGS SCHEDULER=slurm SLURM_ARGS WAIT=1] the SPEC 7 options, weights 0.5/0.5: one table
+	$(scheduled) tools/ablation.py --raw $(or $(RAW),runs/demo/raw) --out $(or $(OUT),runs/ablation) \
 	  --profile $(or $(filter-out paper,$(PROFILE)),fast) $(gpu_flag) $(if $(TRAIN_ARGS),--train-args '$(TRAIN_ARGS)')
 
 segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=...) MODEL=... OUT=...: tumor mask
