@@ -246,7 +246,12 @@ def submit(tool_argv, slurm_args, wait=False, exec_prefix=None):
         print(follow_hint(out, ids, plan, todo, record.get("array")), flush=True)
         return 0
     log("waiting for the summary job %s (WAIT=1) ..." % record["summary"])
-    state = wait_for(record["summary"])
+    try:
+        state = wait_for(record["summary"])
+    except KeyboardInterrupt:
+        log("stopped waiting; the jobs go on")
+        print(follow_hint(out, ids, plan, todo, record.get("array")), flush=True)
+        return 130
     final = get_plan(tool_argv, exec_prefix)
     for table in final["tables"]:
         if os.path.exists(table):
