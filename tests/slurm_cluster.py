@@ -159,7 +159,7 @@ class Cluster:
         out = self.run("squeue", "-h", "-r", "-t", "all", "-j", str(job_id).split("_")[0], "-o", "%i|%T")
         return dict(line.split("|") for line in out.split())
 
-    def wait_idle(self, timeout=600):
+    def wait_idle(self, timeout=1800):
         """Until no job is pending or running."""
         deadline = time.time() + timeout
         while time.time() < deadline:
