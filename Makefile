@@ -58,6 +58,18 @@ GPU      ?=
 GPUS     ?=
 PY       = $(call q,$(PYTHON))
 
+# SCHEDULER=slurm on make cv / make ablation: the tool's runs go to Slurm as one job array, submitted from this
+# host by tools/slurm.py (Slurm's commands live here, not in the runtime); each task runs the same command
+# through the runtime on its node. SLURM_ARGS and SEEDS reach the tools through the environment, verbatim:
+# make and the shell never evaluate them. WAIT=1 blocks until the summary is written.
+cv ablation: export TSFCN_SLURM_ARGS = $(value SLURM_ARGS)
+cv ablation: export TSFCN_SEEDS = $(value SEEDS)
+scheduled = $(if $(filter-out slurm,$(SCHEDULER)),$(error SCHEDULER=$(SCHEDULER): the one scheduler is slurm \
+  (leave SCHEDULER unset to run here)))$(if $(filter slurm,$(SCHEDULER)),$(if $(GPU)$(GPUS),$(error \
+  with SCHEDULER=slurm the GPUs come from Slurm: SLURM_ARGS='--gres=gpu:1' instead of GPU/GPUS))TSFCN_BIND="$$(printf \
+  '%s:' $(bind_words))" $(PY) -m tools.slurm submit --slurm-args "$$TSFCN_SLURM_ARGS" $(if $(filter-out \
+  0,$(WAIT)),--wait) --,$(IN_RUNTIME) $(PY))
+
 .PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation recipe segment bench \
         docker docker-test caffe-cuda clean
 
@@ -73,8 +85,10 @@ runtime:
 exec: runtime ## run CMD='...' inside the runtime (PYTHONPATH has layers/), e.g. make exec CMD='caffe --version'
 	@$(IN_RUNTIME) bash -c $(call q,$(CMD))
 
-test: runtime ## the test suite, in real Caffe (PYTEST_ARGS='tests/test_x.py -x' picks tests)
+test: runtime ## the test suite, in real Caffe (PYTEST_ARGS='tests/test_x.py -x' picks tests); then tests/test_slurm.py on this host, against a local Slurm
 	$(IN_RUNTIME) $(PY) -m pytest $(call arglist,PYTEST_ARGS)
+	@case "$$TSFCN_PYTEST_ARGS" in ""|*test_slurm*) bash tests/run-on-host.sh "$$TSFCN_PYTEST_ARGS" ;; esac
+test: export TSFCN_PYTEST_ARGS = $(value PYTEST_ARGS)
 
 demo: runtime ## phantoms -> data -> train (fast profile) -> eval -> figures, under runs/demo/
 	$(IN_RUNTIME) bash tools/demo.sh
@@ -103,13 +117,13 @@ eval: runtime ## FOLD=k [RUN SNAPSHOT GPU]: caffe test + per-patient 3D Dice + f
 	$(IN_RUNTIME) $(PY) tools/evaluate.py $(call opt,--fold,FOLD) $(call opt,--data,DATA) $(call opt,--run,RUN) \
 	  $(call opt,--snapshot,SNAPSHOT) $(call opt,--gpu,GPU)
 
-cv: runtime ## [GPUS=0,1,... RUNS=runs/cv]: every fold, then the table of 3D Dice per fold
-	$(IN_RUNTIME) $(PY) tools/cv.py $(call opt,--data,DATA) $(call opt,--folds,FOLDS) $(call opt,--profile,PROFILE) \
-	  $(call opt,--gpus,GPUS) $(call opt,--weights,WEIGHTS) $(call opt,--runs,RUNS) \
+cv: runtime ## [GPUS=0,1,... RUNS=runs/cv SEEDS=0,1,2 SCHEDULER=slurm SLURM_ARGS='...' WAIT=1]: every fold, then the table
+	$(scheduled) tools/cv.py $(call opt,--data,DATA) $(call opt,--folds,FOLDS) $(call opt,--profile,PROFILE) \
+	  $(call opt,--gpus,GPUS) $(call opt,--weights,WEIGHTS) $(call opt,--runs,RUNS) $(call opt,--seeds,SEEDS) \
 	  $(call opt,--train-args,TRAIN_ARGS)
 
-ablation: runtime ## the SPEC 7 options (crop 14/11, box patient/slice, loss mean/sum), weights 0.5/0.5: one table
-	$(IN_RUNTIME) $(PY) tools/ablation.py $(call q,--raw=$(or $(RAW),runs/demo/raw)) \
+ablation: runtime ## [RAW OUT TRAIN_ARGS SCHEDULER=slurm SLURM_ARGS WAIT=1] the SPEC 7 options, weights 0.5/0.5: one table
+	$(scheduled) tools/ablation.py $(call q,--raw=$(or $(RAW),runs/demo/raw)) \
 	  $(call q,--out=$(or $(OUT),runs/ablation)) $(call q,--profile=$(or $(filter-out paper,$(PROFILE)),fast)) \
 	  $(call opt,--gpu,GPU) $(call opt,--train-args,TRAIN_ARGS)
 

@@ -46,6 +46,28 @@ def test_cv_table(tmp_path):
         assert f.read() == first                         # fixed jitter: same numbers, same picture
 
 
+def test_cv_over_seeds_table(tmp_path):
+    """SEEDS: each seed's cross-validation in RUNS/seed<s>/, then mean ± sd over seeds (of each seed's mean over
+    folds), per fold over seeds, and over every fold run; a missing run is named, not averaged in."""
+    runs = str(tmp_path)
+    for s, per_fold in ((0, (0.6, 0.8)), (1, (0.7, None)), (2, (0.5, 0.9))):
+        for k, d in enumerate(per_fold):
+            if d is not None:
+                _metrics(os.path.join(cv.seed_runs(runs, s), "fold%d" % k), {"P%03d" % (k + 1): d})
+    tables = {s: cv.summarize([0, 1], cv.seed_runs(runs, s)) for s in (0, 1, 2)}
+    t = cv.summarize_seeds(tables)
+    assert t["mean_over_seeds"] == pytest.approx((0.7 + 0.7 + 0.7) / 3) and t["sd_over_seeds"] == pytest.approx(0)
+    assert t["mean_over_runs"] == pytest.approx((0.6 + 0.8 + 0.7 + 0.5 + 0.9) / 5) and t["runs"] == 5
+    assert t["folds"][0]["mean_over_seeds"] == pytest.approx(0.6) and t["folds"][0]["sd_over_seeds"] == pytest.approx(0.1)
+    assert t["folds"][1]["per_seed"] == {"0": 0.8, "1": None, "2": 0.9}
+    text = cv.markdown_seeds(t)
+    assert "| fold | seed 0 | seed 1 | seed 2 | over seeds |" in text
+    assert "| 1 | 0.800 | missing | 0.900 | 0.850 ± 0.071 |" in text
+    assert "| over folds | 0.700 ± 0.141 | 0.700 ± 0.000 | 0.700 ± 0.283 | |" in text
+    assert cv.seed_runs(runs, None) == runs and [r[:2] for r in cv.tasks([0, 1], [3, 4], runs)] == \
+        [(3, 0), (3, 1), (4, 0), (4, 1)]
+
+
 def test_tumor_volume_from_crop_counts_and_geometry(tmp_path):
     """Tumor ml = truth crop pixels x (box_side / 100 x pixel mm)^2 x slice mm; the figure plots them."""
     data, runs = tmp_path / "data", str(tmp_path / "runs")

@@ -10,10 +10,15 @@ Variants (fold --fold of the same cohort, same profile, same Caffe seed):
               what the report's weighting costs or gains under the same profile)
 Each variant is a tools/train.py run in OUT/<variant>/ (resumable; a finished run is reused); its
 final validation scores (metrics.json) fill the table. Output: OUT/ablation.json, OUT/ablation.md and
-OUT/ablation_dice.png (each variant's per-patient 3D Dice side by side).
+OUT/ablation_dice.png (each variant's per-patient 3D Dice side by side); a variant without results is
+named "missing" in the table.
+
+On a Slurm cluster (make ablation SCHEDULER=slurm, tools/slurm.py) each variant is one array task: --plan
+lists them, --prepare-only makes the data (one job before the array), --task I trains variant I exactly as
+above, --summary-only writes the table and figure.
 
 CLI: python3 tools/ablation.py --raw RAW --out OUT [--profile fast] [--fold 0] [--seed 0] [--gpu ID]
-     [--only VARIANT ...] [--train-args "..."]
+     [--only VARIANT ...] [--train-args "..."] [--plan | --prepare-only | --task I | --summary-only]
 """
 import argparse
 import json
@@ -70,11 +75,55 @@ def markdown(result):
              "| variant | change | 3D Dice mean ± sd | 2D Dice mean | pixel acc. | iterations |",
              "|---|---|---|---|---|---|"]
     for r in result["variants"]:
+        if r.get("missing"):
+            lines.append("| %s | %s | missing | – | – | – |" % (r["variant"], r["change"]))
+            continue
         lines.append("| %s | %s | %.3f ± %.3f | %.3f | %.4f | %d |" % (
             r["variant"], r["change"], r["mean_dice_3d"], r["sd_dice_3d"], r["mean_dice_2d"],
             r["mean_pixel_accuracy"], r["iterations"]))
     lines.append("")
     return "\n".join(lines)
+
+
+def variant_done(run):
+    return all(os.path.exists(os.path.join(run, f)) for f in ("final.caffemodel", "metrics.json"))
+
+
+def row(name, change, data_args, extra, run, seconds=None):
+    """A table row from RUN/metrics.json ({"missing": True} when the variant has no results)."""
+    path = os.path.join(run, "metrics.json")
+    if not os.path.exists(path):
+        return {"variant": name, "change": change, "data_options": list(data_args), "options": extra, "missing": True}
+    with open(path) as f:
+        m = json.load(f)
+    return {"variant": name, "change": change, "data_options": list(data_args), "options": extra,
+            "mean_dice_3d": m["mean_dice_3d"], "sd_dice_3d": m["sd_dice_3d"],
+            "mean_dice_2d": m["mean_dice_2d"], "mean_pixel_accuracy": m["mean_pixel_accuracy"],
+            "iterations": m["iterations"], "profile": m["profile"],
+            "seconds": round(seconds if seconds is not None else m.get("train_seconds", 0.0), 1),
+            "per_patient": {p: s["dice_3d"] for p, s in m["per_patient"].items()}}
+
+
+def write_result(a, out, rows):
+    result = {"profile": a.profile, "fold": a.fold, "seed": a.seed, "variants": rows}
+    atomic.write_json(os.path.join(out, "ablation.json"), result)
+    atomic.write_text(os.path.join(out, "ablation.md"), markdown(result))
+    return result
+
+
+def write_figure(a, out, rows):
+    from tools import figures
+    figures.dice_groups(os.path.join(out, "ablation_dice.png"),
+                        [(r["variant"], r["per_patient"]) for r in rows if not r.get("missing")],
+                        "Ablation, fold %d: 3D Dice per variant [%s]" % (a.fold, a.profile))
+
+
+def plan(a, out, raw, chosen):
+    """--plan: what tools/slurm.py needs to submit the variants as a job array (after a data job)."""
+    return {"tool": "ablation", "out": out, "prepare": True, "gpu_args": ["--gpu", "0"], "bind": [raw, out],
+            "tables": [os.path.join(out, "ablation.md")],
+            "tasks": [{"name": "variant %s" % v[0], "run": os.path.join(out, v[0]),
+                       "done": variant_done(os.path.join(out, v[0]))} for v in chosen]}
 
 
 def main(argv=None):
@@ -90,33 +139,47 @@ def main(argv=None):
     ap.add_argument("--gpu", type=int, help="GPU id (CUDA build of Caffe)")
     ap.add_argument("--only", nargs="*", choices=[v[0] for v in VARIANTS], help="run only these variants")
     train_tool.add_passthrough_args(ap, "variant", "--weights weights/ts-fcn-init-fcn32s.caffemodel")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="print the variants as JSON tasks (tools/slurm.py)")
+    mode.add_argument("--prepare-only", action="store_true", help="only make the variants' data")
+    mode.add_argument("--task", type=int, metavar="I", help="train only variant I of --plan (one Slurm array task; "
+                      "the data must exist: --prepare-only)")
+    mode.add_argument("--summary-only", action="store_true", help="only the table and figure, from the runs")
     a = ap.parse_args(argv)
     out = os.path.abspath(a.out)
     raw = os.path.abspath(a.raw)
     if not os.path.isdir(raw):
         raise SystemExit("error: cohort %s not found (make phantoms OUT=%s, or make demo)" % (a.raw, a.raw))
     chosen = [v for v in VARIANTS if not a.only or v[0] in a.only]
-    datas = {}
-    for data_args in sorted({v[2] for v in chosen}):
-        datas[data_args] = data_folder(out, data_args)
-        make_data(raw, datas[data_args], data_args, a.folds, a.seed, a.jobs)
+    if a.plan:
+        print(json.dumps(plan(a, out, raw, chosen)))
+        return 0
+    datas = {data_args: data_folder(out, data_args) for data_args in sorted({v[2] for v in chosen})}
+    if a.task is not None:
+        if not 0 <= a.task < len(chosen):
+            raise SystemExit("error: --task %d: there are %d variants (0..%d)" % (a.task, len(chosen), len(chosen) - 1))
+        name, change, data_args, extra = chosen[a.task]
+        if not os.path.exists(os.path.join(datas[data_args], "manifest.json")):
+            raise SystemExit("error: %s not made yet (tools/ablation.py --prepare-only)" % datas[data_args])
+        try:
+            train(datas[data_args], os.path.join(out, name), a.fold, a.profile, a.seed, extra + train_tool.passthrough(a),
+                  a.gpu)
+        except subprocess.CalledProcessError as e:
+            return e.returncode
+        return 0
+    if not a.summary_only:
+        for data_args in datas:
+            make_data(raw, datas[data_args], data_args, a.folds, a.seed, a.jobs)
+        if a.prepare_only:
+            return 0
     rows = []
     for name, change, data_args, extra in chosen:
         run = os.path.join(out, name)
-        seconds = train(datas[data_args], run, a.fold, a.profile, a.seed, extra + train_tool.passthrough(a), a.gpu)
-        with open(os.path.join(run, "metrics.json")) as f:
-            m = json.load(f)
-        rows.append({"variant": name, "change": change, "data_options": list(data_args), "options": extra,
-                     "mean_dice_3d": m["mean_dice_3d"], "sd_dice_3d": m["sd_dice_3d"],
-                     "mean_dice_2d": m["mean_dice_2d"], "mean_pixel_accuracy": m["mean_pixel_accuracy"],
-                     "iterations": m["iterations"], "profile": m["profile"], "seconds": round(seconds, 1),
-                     "per_patient": {p: s["dice_3d"] for p, s in m["per_patient"].items()}})
-        result = {"profile": a.profile, "fold": a.fold, "seed": a.seed, "variants": rows}
-        atomic.write_json(os.path.join(out, "ablation.json"), result)
-        atomic.write_text(os.path.join(out, "ablation.md"), markdown(result))
-    from tools import figures
-    figures.dice_groups(os.path.join(out, "ablation_dice.png"), [(r["variant"], r["per_patient"]) for r in rows],
-                        "Ablation, fold %d: 3D Dice per variant [%s]" % (a.fold, a.profile))
+        seconds = None if a.summary_only else train(datas[data_args], run, a.fold, a.profile, a.seed,
+                                                    extra + train_tool.passthrough(a), a.gpu)
+        rows.append(row(name, change, data_args, extra, run, seconds))
+        result = write_result(a, out, rows)
+    write_figure(a, out, rows)
     print(markdown(result))
     print("table: %s; figure: %s" % (os.path.join(out, "ablation.md"), os.path.join(out, "ablation_dice.png")))
     return 0

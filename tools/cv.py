@@ -10,8 +10,15 @@ Output: RUNS/cv.json and RUNS/cv.md: 3D Dice (mean ± sd over the fold's patient
 mean ± sd over folds and over all patients; the profile is written into both. RUNS/cv_dice.png: each
 fold's per-patient 3D Dice side by side; RUNS/cv_dice_vs_volume.png: 3D Dice against tumor volume.
 
+Seeds (--seeds 0,1,2): each seed a full cross-validation (train.py --seed s) in RUNS/seed<s>/, with its own
+tables and figures as above, then RUNS/cv_seeds.json, RUNS/cv_seeds.md (3D Dice per fold and seed, mean ± sd
+over seeds and over folds) and RUNS/cv_seeds_dice.png.
+
+On a Slurm cluster (make cv SCHEDULER=slurm, tools/slurm.py) every fold x seed is one array task: --plan lists
+the tasks, --task I runs one exactly as above, --summary-only writes the tables and figures.
+
 CLI: python3 tools/cv.py --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--weights W] [--runs runs/cv]
-     [--train-args "--crop aligned ..."]
+     [--seeds 0,1,2] [--train-args "--crop aligned ..."] [--plan | --task I | --summary-only]
 """
 import argparse
 import json
@@ -186,6 +193,101 @@ def markdown(table):
     return "\n".join(lines)
 
 
+def write_summary(folds, runs, data):
+    """RUNS/cv.json, cv.md and the two figures from the fold runs; the markdown table."""
+    table = summarize(folds, runs)
+    atomic.write_json(os.path.join(runs, "cv.json"), table)
+    text = markdown(table)
+    atomic.write_text(os.path.join(runs, "cv.md"), text)
+    figure(table, os.path.join(runs, "cv_dice.png"))
+    size_figure(table, tumor_volumes_ml(table, data), os.path.join(runs, "cv_dice_vs_volume.png"))
+    print(text)
+    print("table: %s; figures: %s, %s" % (os.path.join(runs, "cv.md"), os.path.join(runs, "cv_dice.png"),
+                                          os.path.join(runs, "cv_dice_vs_volume.png")))
+    return table
+
+
+# --- seeds ---------------------------------------------------------------------------------------------
+def seed_runs(runs, seed):
+    """The runs folder of one seed (RUNS itself without --seeds)."""
+    return runs if seed is None else os.path.join(runs, "seed%d" % seed)
+
+
+def summarize_seeds(seed_tables):
+    """Over seeds: {seed: cv table} -> each seed's mean over folds, mean ± sd over seeds (of those means), per
+    fold mean ± sd over seeds, and mean ± sd over every fold x seed run."""
+    seeds = sorted(seed_tables)
+    per_fold = {}
+    for s in seeds:
+        for r in seed_tables[s]["folds"]:
+            per_fold.setdefault(r["fold"], {})[s] = None if r.get("missing") else r["mean_dice_3d"]
+    done = {s: [r["mean_dice_3d"] for r in seed_tables[s]["folds"] if not r.get("missing")] for s in seeds}
+    seed_means = {s: seed_tables[s]["mean_over_folds"] for s in seeds if done[s]}
+    m, sd = score.mean_sd(seed_means.values())
+    am, asd = score.mean_sd(d for s in seeds for d in done[s])
+    folds = []
+    for k in sorted(per_fold):
+        fm, fsd = score.mean_sd(d for d in per_fold[k].values() if d is not None)
+        folds.append({"fold": k, "per_seed": {str(s): d for s, d in per_fold[k].items()}, "mean_over_seeds": fm,
+                      "sd_over_seeds": fsd})
+    return {"profile": ",".join(sorted({t["profile"] for t in seed_tables.values() if t["profile"]})),
+            "seeds": seeds, "folds": folds,
+            "per_seed": {str(s): {"mean_over_folds": seed_tables[s]["mean_over_folds"],
+                                  "sd_over_folds": seed_tables[s]["sd_over_folds"],
+                                  "folds_done": len(done[s])} for s in seeds},
+            "mean_over_seeds": m, "sd_over_seeds": sd, "mean_over_runs": am, "sd_over_runs": asd,
+            "runs": sum(len(v) for v in done.values()), "report_val_dice_3d": paper.REPORT_VAL_DICE_3D}
+
+
+def markdown_seeds(t):
+    seeds = t["seeds"]
+    lines = ["# Cross-validation over %d seeds: 3D Dice per fold and seed (profile %s)" % (len(seeds), t["profile"]),
+             "", "| fold | " + " | ".join("seed %d" % s for s in seeds) + " | over seeds |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for r in t["folds"]:
+        cells = ["missing" if r["per_seed"][str(s)] is None else "%.3f" % r["per_seed"][str(s)] for s in seeds]
+        lines.append("| %d | %s | %.3f ± %.3f |" % (r["fold"], " | ".join(cells), r["mean_over_seeds"],
+                                                    r["sd_over_seeds"]))
+    cells = ["%.3f ± %.3f" % (t["per_seed"][str(s)]["mean_over_folds"], t["per_seed"][str(s)]["sd_over_folds"])
+             for s in seeds]
+    lines.append("| over folds | %s | |" % " | ".join(cells))
+    lines += ["", "Over seeds (each seed's mean over folds): **%.3f ± %.3f**; over all %d fold runs: %.3f ± %.3f "
+              "(report, one fold: %.2f)." % (t["mean_over_seeds"], t["sd_over_seeds"], t["runs"], t["mean_over_runs"],
+                                              t["sd_over_runs"], t["report_val_dice_3d"]), ""]
+    return "\n".join(lines)
+
+
+def write_seeds_summary(seed_tables, runs):
+    """RUNS/cv_seeds.json, cv_seeds.md and cv_seeds_dice.png (each seed's per-patient 3D Dice over its folds)."""
+    from tools import figures
+    t = summarize_seeds(seed_tables)
+    atomic.write_json(os.path.join(runs, "cv_seeds.json"), t)
+    text = markdown_seeds(t)
+    atomic.write_text(os.path.join(runs, "cv_seeds.md"), text)
+    groups = [("seed %d" % s, {"%s/%d" % (pid, r["fold"]): d for r in seed_tables[s]["folds"] if not r.get("missing")
+                               for pid, d in r["per_patient"].items()}) for s in t["seeds"]]
+    figures.dice_groups(os.path.join(runs, "cv_seeds_dice.png"), groups, "Cross-validation over seeds: 3D Dice "
+                        "%.3f ± %.3f over seeds [%s]" % (t["mean_over_seeds"], t["sd_over_seeds"], t["profile"]))
+    print(text)
+    print("table over seeds: %s; figure: %s" % (os.path.join(runs, "cv_seeds.md"),
+                                               os.path.join(runs, "cv_seeds_dice.png")))
+    return t
+
+
+def tasks(folds, seeds, runs):
+    """Every (seed, fold, run folder) in a fixed order: the tasks of a Slurm array (index = position)."""
+    return [(s, k, os.path.join(seed_runs(runs, s), "fold%d" % k)) for s in seeds for k in folds]
+
+
+def plan(a, folds, seeds, runs):
+    """--plan: what tools/slurm.py needs to submit this cross-validation as a job array."""
+    return {"tool": "cv", "out": runs, "prepare": False, "gpu_args": ["--gpus", "0"],
+            "bind": [os.path.abspath(p) for p in (a.data, runs, a.weights) if p],
+            "tables": [os.path.join(runs, "cv_seeds.md" if seeds != [None] else "cv.md")],
+            "tasks": [{"name": "fold %d" % k if s is None else "seed %d fold %d" % (s, k), "run": run,
+                       "done": fold_done(run)} for s, k, run in tasks(folds, seeds, runs)]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Cross-validation: train and evaluate every fold (sequentially, "
                                  "or one per GPU with --gpus), then the table of 3D Dice per fold.")
@@ -196,7 +298,13 @@ def main(argv=None):
     ap.add_argument("--weights", help="pretrained caffemodel for tools/train.py --weights")
     ap.add_argument("--runs", default="runs/cv", help="folder of the fold runs (default runs/cv)")
     ap.add_argument("--force", action="store_true", help="retrain folds that are done")
+    ap.add_argument("--seeds", help="comma-separated Caffe seeds: one full cross-validation per seed in "
+                    "RUNS/seed<s>/, summarised over seeds and folds")
     train_tool.add_passthrough_args(ap, "fold", "--crop aligned --loss-sum")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="print the tasks (fold x seed) as JSON (tools/slurm.py)")
+    mode.add_argument("--task", type=int, metavar="I", help="run only task I of --plan (one Slurm array task)")
+    mode.add_argument("--summary-only", action="store_true", help="only the tables and figures, from the runs")
     a = ap.parse_args(argv)
     with open(os.path.join(a.data, "manifest.json")) as f:
         n = len(json.load(f)["folds"])
@@ -204,18 +312,32 @@ def main(argv=None):
         raise SystemExit("error: %s has %d folds, not %d; remake the data with --folds %d"
                          % (a.data, n, a.folds, a.folds))
     gpus = [g.strip() for g in a.gpus.split(",") if g.strip()] if a.gpus else None
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()] if a.seeds else [None]
+    except ValueError:
+        raise SystemExit("error: --seeds %r: give integers separated by commas, e.g. 0,1,2" % a.seeds)
     folds = list(range(a.folds))
-    codes = run_folds(folds, os.path.abspath(a.data), os.path.abspath(a.runs), a.profile, a.weights, gpus, a.force,
-                      extra=train_tool.passthrough(a))
-    table = summarize(folds, a.runs)
-    atomic.write_json(os.path.join(a.runs, "cv.json"), table)
-    text = markdown(table)
-    atomic.write_text(os.path.join(a.runs, "cv.md"), text)
-    figure(table, os.path.join(a.runs, "cv_dice.png"))
-    size_figure(table, tumor_volumes_ml(table, a.data), os.path.join(a.runs, "cv_dice_vs_volume.png"))
-    print(text)
-    print("table: %s; figures: %s, %s" % (os.path.join(a.runs, "cv.md"), os.path.join(a.runs, "cv_dice.png"),
-                                          os.path.join(a.runs, "cv_dice_vs_volume.png")))
+    runs = os.path.abspath(a.runs)
+    if a.plan:
+        print(json.dumps(plan(a, folds, seeds, runs)))
+        return 0
+    todo = tasks(folds, seeds, runs)
+    if a.task is not None:
+        if not 0 <= a.task < len(todo):
+            raise SystemExit("error: --task %d: there are %d tasks (0..%d)" % (a.task, len(todo), len(todo) - 1))
+        todo = [todo[a.task]]
+    codes = {}
+    for s in seeds:
+        mine = [k for s2, k, _ in todo if s2 == s]
+        if mine and not a.summary_only:
+            extra = train_tool.passthrough(a) + ([] if s is None else ["--seed", str(s)])
+            codes.update({(s, k): c for k, c in run_folds(mine, os.path.abspath(a.data), seed_runs(runs, s),
+                                                           a.profile, a.weights, gpus, a.force, extra=extra).items()})
+    if a.task is not None:
+        return 1 if any(codes.values()) else 0
+    tables = {s: write_summary(folds, seed_runs(a.runs, s), a.data) for s in seeds}
+    if seeds != [None]:
+        write_seeds_summary(tables, a.runs)
     return 1 if any(codes.values()) else 0
 
 

@@ -170,6 +170,7 @@ run_env() {
             PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg GLOG_minloglevel="${GLOG_minloglevel:-1}" \
             ${TSFCN_BLAS_CORE:+TSFCN_BLAS_CORE=$TSFCN_BLAS_CORE} ${OMP_NUM_THREADS:+OMP_NUM_THREADS=$OMP_NUM_THREADS} \
             ${OPENBLAS_NUM_THREADS:+OPENBLAS_NUM_THREADS=$OPENBLAS_NUM_THREADS} ${CI:+CI=$CI} \
+            ${CUDA_VISIBLE_DEVICES+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES} \
             bash -c 'cd "$0" && eval "$(python3 "$TSFCN_REPO/tools/runtime/blas_core.py" --env)" && exec "$@"' "$PWD" "$@"
     fi
 }
