@@ -177,18 +177,19 @@ def test_ablation_job_array_with_verbatim_slurm_args(cluster, cohort):
     comment = 'tsfcn "a b" $HOME `id` $(id)'                # reaches sbatch as typed: no make or shell expansion
     out = make(cluster, "ablation", "SCHEDULER=slurm", "WAIT=1", "RAW=%s" % (cohort / "raw"), "OUT=%s" % out_dir,
                "TRAIN_ARGS=" + TRAIN_ARGS, "SLURM_ARGS=--comment='%s'" % comment)
-    array = re.search(r"5 tasks submitted as job array (\d+)", out).group(1)
+    array = re.search(r"6 tasks submitted as job array (\d+)", out).group(1)
     prepare = re.search(r"prepare job (\d+)", out).group(1)
     comments = cluster.run("squeue", "-h", "-t", "all", "-j", "%s,%s" % (prepare, array), "-o", "%k").splitlines()
     assert comments and set(comments) == {comment}
     result = read_json(out_dir / "ablation.json")
     names = [r["variant"] for r in result["variants"]]
-    assert names == ["baseline", "crop", "box", "loss", "weights"]
+    assert names == ["baseline", "crop", "box", "loss", "resize", "weights"]
     assert all(r["iterations"] == 2 and not r.get("missing") for r in result["variants"])
     for i, name in enumerate(names):
         assert read_json(out_dir / name / "run.json")["slurm_job_id"] == "%s_%d" % (array, i)
         assert (out_dir / name / ("slurm-%s_%d.log" % (array, i))).exists()
     assert read_json(out_dir / "box" / "run.json")["data"].endswith("data_box-slice")
+    assert read_json(out_dir / "resize" / "run.json")["data"].endswith("data_resize-antialias")
     md = (out_dir / "ablation.md").read_text()
     assert md in out and "| weights | class weights 0.5/0.5 |" in md
     assert (out_dir / "ablation_dice.png").stat().st_size > 10000
