@@ -152,12 +152,9 @@ class Stop:
             signal.signal(s, h)
 
 
-# Training options a profile sets and the command line may override: (option, profile key).
-PROFILE_OPTIONS = (("base_lr", "base_lr"), ("lr_policy", "lr_policy"), ("power", "power"), ("gamma", "gamma"),
-                   ("stepsize", "stepsize"),
-                   ("iter_size", "iter_size"), ("batch_size", "batch_size"), ("dropout", "dropout"),
-                   ("class_weights", "class_weights"), ("momentum2", "momentum2"),
-                   ("pretrained_lr_mult", "pretrained_lr_mult"), ("average", "average"), ("decision", "decision"))
+# Training settings a profile sets and the command line may override (option name = profile key).
+PROFILE_OPTIONS = ("base_lr", "lr_policy", "power", "gamma", "stepsize", "iter_size", "batch_size", "dropout",
+                   "class_weights", "momentum2", "pretrained_lr_mult", "average", "decision")
 # Net options recorded in run.json only when they differ from the report (old run.json stay valid).
 NET_DEFAULTS = {"class_weights": list(paper.CLASS_WEIGHTS), "dropout": paper.DROPOUT_RATIO,
                 "batch_size": paper.BATCH_SIZE, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT}
@@ -166,8 +163,8 @@ NET_DEFAULTS = {"class_weights": list(paper.CLASS_WEIGHTS), "dropout": paper.DRO
 def recipe(a):
     """The run's profile settings (solver/profiles.py) with the command line's overrides."""
     p = profiles.settings(a.profile)
-    for opt, key in PROFILE_OPTIONS:
-        value = getattr(a, opt, None)
+    for key in PROFILE_OPTIONS:
+        value = getattr(a, key, None)
         if value is not None:
             p[key] = value
     if p["lr_policy"] == "poly" and p["power"] is None:
