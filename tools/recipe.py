@@ -14,16 +14,13 @@ CLI: python3 tools/recipe.py --data DATA --out OUT [--fold 0] [--seed 0] [--only
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
 import atomic
 from solver import profiles
-from tools import train_log
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tools import ablation, train_log
 
 # name -> (what it changes against the fast profile, train.py options); each alone, on the same fold and seed
 EXPERIMENTS = (
@@ -36,14 +33,6 @@ EXPERIMENTS = (
     ("report-net", "the report's training net: dropout 0.5, conv1-3 at lr x0.1",
      ["--dropout", "0.5", "--pretrained-lr-mult", "0.1"]),
 )
-
-
-def run_experiment(data, out, name, options, fold, seed, validate_every, profile):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--fold", str(fold), "--data", data,
-           "--run", os.path.join(out, name), "--profile", profile, "--seed", str(seed),
-           "--validate-every", str(validate_every), "--quiet"] + list(options)
-    print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
 
 
 def read_run(run):
@@ -124,8 +113,8 @@ def main(argv=None):
             ap.error("--data is needed to run experiments")
         for name, _, options in EXPERIMENTS:
             if not a.only or name in a.only:
-                run_experiment(os.path.abspath(a.data), out, name, options, a.fold, a.seed, a.validate_every,
-                               a.profile)
+                ablation.train(os.path.abspath(a.data), os.path.join(out, name), a.fold, a.profile, a.seed,
+                               ["--validate-every", str(a.validate_every), "--quiet"] + list(options))
     rows = summarize(out)
     if not rows:
         raise SystemExit("error: no run with a train_log.csv under %s" % out)
