@@ -6,7 +6,8 @@ FROM debian:bullseye-slim
 
 # Optional CA bundle for pip behind a TLS-intercepting proxy (CI passes one; leave empty elsewhere).
 ARG PIP_CERT=
-COPY tools/runtime/install-deps.sh tools/runtime/requirements.txt /opt/ts-fcn-runtime/
+COPY tools/runtime/install-deps.sh tools/runtime/requirements.txt tools/runtime/caffe_parallel_math.cpp \
+     /opt/ts-fcn-runtime/
 RUN if [ -n "$PIP_CERT" ]; then export PIP_CERT; else unset PIP_CERT; fi; \
     sh /opt/ts-fcn-runtime/install-deps.sh
 

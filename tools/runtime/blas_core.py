@@ -129,15 +129,20 @@ def load_cache():
     return rec
 
 
-def save_cache(rec):
+def save_json(path, rec):
+    """Write a cache record atomically; a read-only location only costs a re-check next time."""
     try:
-        os.makedirs(os.path.dirname(CACHE), exist_ok=True)
-        tmp = CACHE + ".tmp%d" % os.getpid()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp%d" % os.getpid()
         with open(tmp, "w") as f:
             json.dump(rec, f, indent=1)
-        os.replace(tmp, CACHE)
+        os.replace(tmp, path)
     except OSError:
-        pass  # a read-only location only costs a re-check next time
+        pass
+
+
+def save_cache(rec):
+    save_json(CACHE, rec)
 
 
 def current(refresh=False, verbose=False):

@@ -35,7 +35,8 @@ usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 log() { echo "[runtime] $*" >&2; }
 
 # The recipe's fingerprint: a change to the install script or its requirements reinstalls.
-recipe_hash() { cat "$here/install-deps.sh" "$here/requirements.txt" | sha256sum | cut -c1-16; }
+recipe_files=(install-deps.sh requirements.txt caffe_parallel_math.cpp)
+recipe_hash() { (cd "$here" && cat "${recipe_files[@]}") | sha256sum | cut -c1-16; }
 
 native_available() {
     case "${TSFCN_NATIVE:-auto}" in
@@ -100,7 +101,7 @@ do_install() {
     local t0=$SECONDS
     log "installing Caffe and the Python dependencies (tools/runtime/install-deps.sh)"
     mkdir -p "$rootfs/opt/ts-fcn-runtime"
-    cp "$here/install-deps.sh" "$here/requirements.txt" "$rootfs/opt/ts-fcn-runtime/"
+    (cd "$here" && cp "${recipe_files[@]}" "$rootfs/opt/ts-fcn-runtime/")
     local cert=""
     if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
         # Host CA bundle for pip, in case the network intercepts TLS.
@@ -134,8 +135,10 @@ do_ensure() {
 }
 
 blas_report() {
-    # Chooses the OpenBLAS core now (self-check + sgemm speed) and caches it for later commands.
+    # Chooses the OpenBLAS core and whether to preload the parallel math library now (self-checks +
+    # speed) and caches both for later commands.
     run_env python3 "$repo/tools/runtime/blas_core.py" --refresh
+    run_env python3 "$repo/tools/runtime/parallel_math.py" --refresh
 }
 
 # GPU runs in the root filesystem: unpack the CUDA bundle once and stage the host's CUDA and driver
@@ -160,7 +163,7 @@ run_env() {
     local pp="$repo/layers:$repo"
     if native_available; then
         PYTHONPATH="$pp${PYTHONPATH:+:$PYTHONPATH}" TSFCN_REPO="$repo" \
-            bash -c 'eval "$(python3 "$TSFCN_REPO/tools/runtime/blas_core.py" --env)"; exec "$@"' bash "$@"
+            bash -c 'eval "$(python3 "$TSFCN_REPO/tools/runtime/blas_core.py" --env)" && eval "$(python3 "$TSFCN_REPO/tools/runtime/parallel_math.py" --env)"; exec "$@"' bash "$@"
     else
         [ -f "$ready" ] || { log "no runtime yet: run 'make env' first"; exit 1; }
         gpu_setup
@@ -171,7 +174,7 @@ run_env() {
             ${TSFCN_BLAS_CORE:+TSFCN_BLAS_CORE=$TSFCN_BLAS_CORE} ${OMP_NUM_THREADS:+OMP_NUM_THREADS=$OMP_NUM_THREADS} \
             ${OPENBLAS_NUM_THREADS:+OPENBLAS_NUM_THREADS=$OPENBLAS_NUM_THREADS} ${CI:+CI=$CI} \
             ${CUDA_VISIBLE_DEVICES+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES} \
-            bash -c 'cd "$0" && eval "$(python3 "$TSFCN_REPO/tools/runtime/blas_core.py" --env)" && exec "$@"' "$PWD" "$@"
+            bash -c 'cd "$0" && eval "$(python3 "$TSFCN_REPO/tools/runtime/blas_core.py" --env)" && eval "$(python3 "$TSFCN_REPO/tools/runtime/parallel_math.py" --env)" && exec "$@"' "$PWD" "$@"
     fi
 }
 
