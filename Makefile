@@ -76,8 +76,9 @@ scheduled = $(if $(filter-out slurm,$(SCHEDULER)),$(error SCHEDULER=$(SCHEDULER)
 help: ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
-env: runtime ## make the Caffe runtime (Debian 11 + BVLC Caffe 1.0), once; prints the BLAS core chosen
+env: runtime ## make the Caffe runtime (Debian 11 + BVLC Caffe 1.0), once; prints the BLAS core and math chosen
 	@$(IN_RUNTIME) $(PY) tools/runtime/blas_core.py --report
+	@$(IN_RUNTIME) $(PY) tools/runtime/parallel_math.py --report
 
 runtime:
 	@$(call q,$(RUNTIME)) ensure
