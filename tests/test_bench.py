@@ -214,7 +214,7 @@ def test_peer_without_package_index_skips_and_says_so(quick, tmp_path, monkeypat
     assert r["peer"]["status"] == "n/a" and "package index" in r["peer"]["reason"]
     assert r["train_iter_s"] == r0["train_iter_s"]
     assert not os.path.exists(r0["peer"]["dir"])
-    assert not os.path.exists(peer_host.cache_dir())
+    assert not os.path.exists(peer_host.cache_dir()) and not os.path.exists(peer_host.cache_dir() + ".partial")
     md = open(str(tmp_path / "results.md")).read()
     assert "PyTorch peer: skipped (PyTorch could not be installed from the package index" in md
 

@@ -10,6 +10,7 @@ stand. Runs where `make` runs (this host): it needs no Caffe and imports no nump
     python3 -m tools.bench.peer_host [--results bench/results.json]
 """
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -40,14 +41,24 @@ def _importable(path):
 
 
 def ensure_torch(path=None):
-    """(folder holding torch and numpy, None), or (None, why not). Installs once into the cache."""
+    """(folder holding torch and numpy, None), or (None, why not). Installs once into the cache; a second
+    bench waits for the first's install (a lock beside the folder)."""
     path = path or cache_dir()
     if os.path.isdir(path) and _importable(path):
         return path, None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(path) and _importable(path):
+            return path, None
+        return _install(path)
+
+
+def _install(path):
     partial = path + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    say("installing PyTorch (CPU) into %s (once; a few hundred MB)" % path)
+    say("installing PyTorch into %s with pip, once (PyPI's Linux wheel brings CUDA libraries the peer does "
+        "not use: several GB)" % path)
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-script-location",
            "--timeout", str(PIP_TIMEOUT_S), "--retries", "1", "--target", partial] + list(PACKAGES)
     p = subprocess.run(cmd, capture_output=True, text=True)

@@ -215,6 +215,8 @@ def peer_lines(r):
     peer = r.get("peer")
     if not peer:
         return []
+    if peer.get("status") == "exported":
+        return ["PyTorch peer: exported to %s, not run yet (python3 -m tools.bench.peer_host)" % peer.get("dir")]
     if peer.get("status") != "ok":
         return ["PyTorch peer: skipped (%s)" % peer.get("reason")]
     ratios = peer.get("ratios") or {}
