@@ -33,8 +33,8 @@ def draw(r, path):
                 ax.plot([row[3], row[3]], [yi - 0.42, yi + 0.42], color="#c44e52", lw=2.2,
                         label=None if marked else "ceiling: FLOPs / sgemm GFLOP/s")
                 marked = True
-        for yi, s in zip(y, secs):
-            ax.text(s, yi, " %.3f s" % s, va="center", fontsize=7)
+        for yi, s, row in zip(y, secs, part):   # the measured value, also where a derived part is negative
+            ax.text(s, yi, " %.3f s" % (row[2] or 0.0), va="center", fontsize=7)
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=7)
         ax.set_xlim(0, max(secs + [row[3] or 0 for row in part]) * 1.18 or 1)
@@ -44,9 +44,11 @@ def draw(r, path):
             ax.legend(fontsize=7, loc="lower right")
     axes[-1, 0].set_xlabel("seconds (median)", fontsize=8)
     m = r.get("machine", {})
-    fig.suptitle("TS-FCN where the time goes: %s, %s threads, sgemm %.0f GFLOP/s, load %s%s" % (
+    fig.suptitle("TS-FCN where the time goes: %s, %s threads, sgemm %.0f GFLOP/s, load %s%s%s" % (
         m.get("cpu_model", "?"), m.get("threads_used", "?"), r.get("sgemm_gflops") or 0, r.get("loadavg_start"),
-        " (QUICK)" if r.get("quick") else ""), fontsize=9)
+        " (QUICK)" if r.get("quick") else "",
+        "\nSHARED MACHINE: this run's slice of the CPUs, not the machine's figures" if report.shared_warning(r) else ""),
+        fontsize=9)
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -105,8 +105,8 @@ def peer_result(entry):
     load = (loadavg() or [None])[0]
     out = run_peer(folder, torch_path, threads)
     out["loadavg_start"] = load
-    out["note"] = ("run right after Caffe's stages, in the same `make bench`, on the threads Caffe used: "
-                   "the ratio compares one run")
+    out["note"] = ("The peer runs right after Caffe's stages, in the same `make bench`, on the threads Caffe "
+                   "used (medians of as many runs); the ratio compares figures of one run")
     return out
 
 

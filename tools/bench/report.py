@@ -193,11 +193,27 @@ def _load(r):
     return "%s at the start, %s at the end" % (r.get("loadavg_start"), r.get("loadavg_end"))
 
 
+def shared_warning(r):
+    """A warning when other work shared the machine: a 1-minute load above the CPUs (the bench's own
+    threads) plus one. Then every figure, the sgemm ceiling included, is this run's share of the CPUs,
+    and parts derived as differences of separately timed runs can even come out negative."""
+    cpus = (r.get("machine") or {}).get("cpus_usable") or (r.get("machine") or {}).get("cpus")
+    loads = [v for v in (r.get("loadavg_start"), r.get("loadavg_end")) if v is not None]
+    if not cpus or not loads or max(loads) <= cpus + 1:
+        return ""
+    return ("WARNING: the machine was shared (1-min load up to %.1f on %d CPUs): times, the sgemm ceiling and "
+            "the shares of it are this run's slice of the CPUs, not the machine's; parts derived as "
+            "differences of separately timed runs can come out negative. Compare figures of one run only, "
+            "and rerun on an idle machine for the machine's own figures." % (max(loads), cpus))
+
+
 def table(r):
     m = r.get("machine", {})
     lines = ["TS-FCN bench: %s, %s CPUs, BLAS core %s, %s threads, load %s%s" % (
         m.get("cpu_model"), m.get("cpus"), m.get("blas_core"), m.get("threads_used"), _load(r),
         " (QUICK: not the benchmark)" if r.get("quick") else "")]
+    if shared_warning(r):
+        lines.append("  " + shared_warning(r))
     for label, val, ceil, target, met, why in rows(r):
         lines.append("  %-62s %16s  %-22s %-40s %s" % (label, val, ceil, (target + (" (%s)" % met if met else "")),
                                                        ("n/a: " + why) if why else ""))
@@ -220,9 +236,10 @@ def peer_lines(r):
     if peer.get("status") != "ok":
         return ["PyTorch peer: skipped (%s)" % peer.get("reason")]
     ratios = peer.get("ratios") or {}
-    out = ["PyTorch %s peer (%s threads, load %s): training iteration %.3f s, Caffe/PyTorch %s; forward %.3f s, "
-           "Caffe/PyTorch %s; its loss vs Caffe's on the same weights: rel. diff %.1e" % (
-               peer.get("torch"), peer.get("threads"), peer.get("loadavg"), peer["train_iter_s"],
+    load = "/".join("%.1f" % v for v in (peer.get("loadavg_start"), peer.get("loadavg")) if v is not None)
+    out = ["PyTorch %s peer (%s threads, 1-min load %s): training iteration %.3f s, Caffe/PyTorch %s; forward "
+           "%.3f s, Caffe/PyTorch %s; its loss vs Caffe's on the same weights and input: rel. diff %.1e" % (
+               peer.get("torch"), peer.get("threads"), load or "?", peer["train_iter_s"],
                "%.2f" % ratios["train_iter_s"] if "train_iter_s" in ratios else "n/a", peer["forward_s"],
                "%.2f" % ratios["forward_s"] if "forward_s" in ratios else "n/a", peer.get("loss_rel_diff", float("nan")))]
     return out
@@ -237,7 +254,7 @@ def markdown(r, command):
            % (command, m.get("cpu_model"), m.get("cpus"), m.get("blas_core"), m.get("threads_used"),
               ", LD_PRELOAD %s" % m["ld_preload"] if m.get("ld_preload") else "", _load(r), r.get("repeat"),
               " (QUICK: not the benchmark)" if r.get("quick") else ""),
-           "",
+           ""] + (["**%s**" % shared_warning(r), ""] if shared_warning(r) else []) + [
            "| stage | time | GFLOP/s (% of sgemm) | target | met |",
            "|---|---|---|---|---|"]
     for label, val, ceil, target, met, why in rows(r):
