@@ -18,6 +18,7 @@ Training, through pycaffe on the real train net (the Python loss, the `paper` so
               net.clear_param_diffs()), the loss smoothing, pycaffe's glue
 Deploy: each layer's forward at batch 1. `make segment`'s parts come from its own summary (stages.py).
 """
+import functools
 import time
 
 from tools.bench import nets
@@ -106,7 +107,7 @@ def stage_profile(ctx):
     solver.step(1)   # allocations, the first HDF5 read
     train_layers = layer_split(solver.net, ctx.repeat)
     _ceilings(train_layers, flops, sgemm)
-    step = median(timed_runs(lambda: solver.step(1), ctx.repeat, ctx.warmup))
+    step = median(timed_runs(functools.partial(solver.step, 1), ctx.repeat, ctx.warmup))
     clear = median(timed_runs(solver.net.clear_param_diffs, ctx.repeat, 1))
     parts = solver_split(ctx, solver)
     del solver
