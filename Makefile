@@ -161,8 +161,10 @@ fetch: runtime ## COHORT=nsclc-radiomics OUT=dir [N=n [SEED=s] | PATIENTS=id,id 
 	[ -z "$$FETCH_PLAN_ONLY" ] || args+=(--plan-only); \
 	$(IN_RUNTIME) $(PYTHON) -m data_prep.fetch "$${args[@]}"
 
-bench: runtime ## measure every stage -> bench/results.json and a table
-	$(IN_RUNTIME) $(PY) tools/bench.py --out bench/results.json $(call opt,--gpu,GPU)
+bench: runtime ## [GPU PEER=torch]: every stage and where its time goes -> bench/results.{json,md}, bench/profile.png
+	$(if $(filter-out torch,$(PEER)),$(error PEER=$(PEER): the one peer is torch))
+	$(IN_RUNTIME) $(PY) -m tools.bench --out bench/results.json $(call opt,--gpu,GPU) $(call opt,--peer,PEER)
+	$(if $(strip $(PEER)),$(PY) -m tools.bench.peer_host --results bench/results.json)
 
 docker: ## build the CPU image ts-fcn:cpu (Docker)
 	docker build -t ts-fcn:cpu .

@@ -6,7 +6,7 @@
 #
 #   (a)+(b) tools/cuda/gpu_proof.py: CPU vs GPU losses on a net without dropout, then TS-FCN on the GPU
 #           with the Python loss vs InfogainLoss from the same seed;
-#   (c)     tools/bench.py's net stages on the GPU (train and forward timings: the ms per iteration),
+#   (c)     tools/bench's net stages on the GPU (train and forward timings: the ms per iteration),
 #           `caffe time` of the TS-FCN train net, and, where PROOF_DATA names a DATA folder made by
 #           `make data` (e.g. a small phantom cohort), a fast-profile training of fold 0 on the GPU.
 # Everything goes to $OUT (default runs/gpu-proof): gpu-proof.log, gpu.csv, device_query.txt,
@@ -39,8 +39,8 @@ grep -E "Name|Major|Minor" "$out/device_query.txt"
 step "(a) CPU vs GPU, (b) Python loss vs InfogainLoss on the GPU"
 timeout 600 python3 tools/cuda/gpu_proof.py --gpu "$gpu" --iters "${PROOF_ITERS:-50}" --out "$out" || status=1
 
-step "(c) benchmark: bench.py net stages on GPU $gpu"
-timeout 600 python3 tools/bench.py --gpu "$gpu" --only machine,flops,train,forward --out "$out/bench.json" || status=1
+step "(c) benchmark: tools.bench net stages on GPU $gpu"
+timeout 600 python3 -m tools.bench --gpu "$gpu" --only machine,flops,train,forward --out "$out/bench.json" || status=1
 
 step "(c) caffe time: TS-FCN train net (batch 1, Python loss), 200 iterations"
 tmp=$(mktemp -d)
