@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import caffe
-from caffe import layers as L
 from caffe.proto import caffe_pb2
 
 import paper

@@ -1,6 +1,5 @@
 """WeightedMultiClassLoss (layers/weighted_loss.py) in real Caffe: gradient, Caffe's own losses, edge cases."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ mismatch): each layer must exist in the source prototxt and in the caffemodel, w
 shapes. The caffemodel is scanned without loading it whole (VGG16 is ~530 MB, in the old V1 format).
 The other layers keep their fillers.
 
-CLI:  python3 tools/surgery.py --weights fcn32s-heavy-pascal.caffemodel \
+CLI:  python3 -m tools.surgery --weights fcn32s-heavy-pascal.caffemodel \
           --source-prototxt weights/conv1-3.prototxt --out weights/ts-fcn-init.caffemodel
 """
 import argparse
@@ -17,9 +17,6 @@ import mmap
 import os
 import sys
 import tempfile
-
-if __package__ in (None, ""):  # run as `python3 tools/surgery.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from google.protobuf import text_format
 
@@ -29,6 +26,7 @@ from caffe.proto import caffe_pb2
 
 import atomic
 import paper
+from tools import caffe_net
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "prototxt", "deploy.prototxt")
@@ -192,7 +190,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="the new caffemodel")
     ap.add_argument("--seed", type=int, default=paper.SEED, help="seed of the other layers' fillers")
     args = ap.parse_args(argv)
-    caffe.set_mode_cpu()
+    caffe_net.use_device()
     caffe.set_random_seed(args.seed)
     dst = caffe.Net(args.model, caffe.TEST)
     source = args.source_prototxt

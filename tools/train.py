@@ -15,7 +15,7 @@ Caffe runs with cwd = DATA/fold<k> (the HDF5 lists hold paths relative to it). W
 pretrained profile, conv1_1..conv3_2 are transplanted (tools/surgery.py) from --weights or the
 `make weights` download; without them the net trains from scratch (MSRA fillers) and says so.
 Validation: every `validate_every` iterations (1/10 epoch for "paper") a deploy net sharing the
-solver's weights forwards the un-augmented validation slices (tools/evaluate.py) and scores the
+solver's weights forwards the un-augmented validation slices (tools/validation.py) and scores the
 per-patient 3D Dice. Ctrl-C (SIGINT) or SIGTERM: snapshot, write the log, exit 130. Rerunning the
 same command resumes from the latest RUN/snapshots/*.solverstate (iteration and lr schedule intact).
 
@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import glob
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -41,48 +40,26 @@ from tqdm import tqdm  # noqa: E402
 import atomic  # noqa: E402
 import paper  # noqa: E402
 from solver import make_solver, profiles  # noqa: E402
-from tools import evaluate, score  # noqa: E402
+from tools import caffe_net, score, validation  # noqa: E402
 from tools.train_log import TrainLog  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SNAPSHOT_NAME = "ts_fcn"
 
 
 def log(msg):
     tqdm.write(msg, file=sys.stderr)
 
 
-# --- snapshots ------------------------------------------------------------------------------------
-def snapshot_prefix(run):
-    return os.path.join(os.path.abspath(run), "snapshots", SNAPSHOT_NAME)
-
-
-def snapshot_iteration(path):
-    m = re.search(r"_iter_(\d+)\.(solverstate|caffemodel)$", path)
-    return int(m.group(1)) if m else -1
-
-
-def latest_solverstate(run):
-    """The RUN/snapshots/*.solverstate with the highest iteration (whose caffemodel exists), or None."""
-    states = [p for p in glob.glob(snapshot_prefix(run) + "_iter_*.solverstate")
-              if os.path.exists(p[:-len(".solverstate")] + ".caffemodel")]
-    return max(states, key=snapshot_iteration) if states else None
-
-
-def average_path(run, iteration):
-    """The averaged weights (tools/averaging.py) saved beside the snapshot of `iteration`."""
-    return "%s_iter_%d.average.caffemodel" % (snapshot_prefix(run), iteration)
-
-
+# --- snapshots (the run folder's layout: tools/caffe_net.py) ---------------------------------------
 def take_snapshot(solver, run, average=None):
     """solver.snapshot() unless this iteration's files exist (and the averaged weights beside it); returns the
     caffemodel path of the weights the run stands for (the average when there is one)."""
-    model = "%s_iter_%d.caffemodel" % (snapshot_prefix(run), solver.iter)
+    model = "%s_iter_%d.caffemodel" % (caffe_net.snapshot_prefix(run), solver.iter)
     if not (os.path.exists(model) and os.path.exists(model[:-len(".caffemodel")] + ".solverstate")):
         solver.snapshot()
     if average is None:
         return model
-    path = average_path(run, solver.iter)
+    path = caffe_net.average_path(run, solver.iter)
     if not os.path.exists(path):
         with atomic.atomic_path(path) as tmp:
             average.save(tmp)
@@ -201,7 +178,7 @@ def prepare(a):
     if a.snapshot_every:
         p["snapshot"] = a.snapshot_every
     max_iter, stepsize, snap, validate_every = make_solver.schedule(epoch, p)
-    s = make_solver.solver_parameter(os.path.join(run, "train.prototxt"), epoch, snapshot_prefix(run),
+    s = make_solver.solver_parameter(os.path.join(run, "train.prototxt"), epoch, caffe_net.snapshot_prefix(run),
                                      p, gpu=a.gpu is not None, seed=a.seed, max_iter=max_iter,
                                      display=a.display)
     make_solver.write(os.path.join(run, "solver.prototxt"), s,
@@ -213,8 +190,8 @@ def prepare(a):
             "lr_policy": s.lr_policy, "iter_size": int(p["iter_size"]), "decision": p["decision"],
             "class_weights": p["class_weights"], "average": p["average"],
             "command": " ".join(shlex.quote(x) for x in ["tools/train.py"] + list(getattr(a, "argv", None) or []))}
-    old = evaluate.run_info(run)
-    if old and old.get("net") != net_kw and latest_solverstate(run) and not a.restart:
+    old = caffe_net.run_info(run)
+    if old and old.get("net") != net_kw and caffe_net.latest_solverstate(run) and not a.restart:
         raise SystemExit("error: %s holds a run with net options %s, not %s; use another --run"
                          % (run, old.get("net"), net_kw))
     atomic.write_json(os.path.join(run, "run.json"), info)
@@ -226,9 +203,9 @@ def train(a):
     info, sp = prepare(a)
     run = os.path.abspath(a.run)
     fold_dir = os.path.join(info["data"], "fold%d" % a.fold)
-    mode = evaluate.set_mode(a.gpu)
+    mode = caffe_net.use_device(a.gpu)
     caffe.set_random_seed(a.seed)
-    patients = evaluate.load_patients(info["data"], a.fold)
+    patients = validation.load_patients(info["data"], a.fold)
     ids = [p[0] for p in patients]
     n_val = sum(len(p[1]) for p in patients)
     cwd = os.getcwd()
@@ -238,11 +215,11 @@ def train(a):
     finally:
         os.chdir(cwd)
     if a.restart:               # start over: the old run's snapshots, log and results go
-        for path in glob.glob(snapshot_prefix(run) + "_iter_*") + [
+        for path in glob.glob(caffe_net.snapshot_prefix(run) + "_iter_*") + [
                 os.path.join(run, f) for f in ("train_log.csv", "final.caffemodel", "metrics.json")]:
             if os.path.exists(path):
                 os.remove(path)
-    state = None if a.restart else latest_solverstate(run)
+    state = None if a.restart else caffe_net.latest_solverstate(run)
     if state:
         os.chdir(fold_dir)
         try:
@@ -261,18 +238,19 @@ def train(a):
     if info.get("average"):
         from tools import averaging
         average = averaging.WeightAverage(solver.net, info["average"], updates=solver.iter)
-        if state and os.path.exists(average_path(run, solver.iter)):
-            average.load(average_path(run, solver.iter))
+        if state and os.path.exists(caffe_net.average_path(run, solver.iter)):
+            average.load(caffe_net.average_path(run, solver.iter))
         init += "; weights averaged (EMA %g)" % info["average"]
     t_start = time.time()
     tlog = TrainLog(os.path.join(run, "train_log.csv"), ids, resume_iter=start if state else None)
     threshold = score.tumor_threshold(info["decision"], info["class_weights"])
     other = [d for d in score.DECISIONS if d != info["decision"]][0]
     alt_threshold = score.tumor_threshold(other, info["class_weights"])
-    val_net = evaluate.deploy_net(os.path.join(run, "deploy.prototxt"), batch=a.val_batch)
+    val_net = caffe_net.open_net(os.path.join(run, "deploy.prototxt"), gpu=a.gpu)
+    caffe_net.set_batch(val_net, a.val_batch)
     val_net.share_with(solver.net)
     ceilings = {}
-    evaluate.add_ceilings({pid: {} for pid in ids}, ceilings, patients, a.crop)
+    validation.add_ceilings({pid: {} for pid in ids}, ceilings, patients, a.crop)
     schedule = ("x %.2f every %d it" % (sp.gamma, sp.stepsize) if sp.lr_policy == "step"
                 else "poly power %g" % sp.power)
     log("train fold %d [%s, %s]: %s; epoch %d it, max_iter %d, lr %.3g %s, %s, validation every %d it on %d "
@@ -282,7 +260,7 @@ def train(a):
 
     def validate(loss):
         with average.swapped_in() if average else contextlib.nullcontext():
-            per, summary = evaluate.validate(val_net, patients, loss=(info["class_weights"], a.loss_normalize),
+            per, summary = validation.validate(val_net, patients, loss=(info["class_weights"], a.loss_normalize),
                                              threshold=threshold, alt_threshold=alt_threshold)
         tlog.add(iteration=solver.iter, lr="%.6g" % make_solver.learning_rate(sp, solver.iter),
                  train_loss="" if loss is None else "%.6g" % loss,
@@ -343,16 +321,16 @@ def train(a):
         shutil.copyfile(model, tmp)
     if last is None:                               # resumed a finished run
         with average.swapped_in() if average else contextlib.nullcontext():
-            last = evaluate.validate(val_net, patients, threshold=threshold)
+            last = validation.validate(val_net, patients, threshold=threshold)
     per, summary = last
-    evaluate.add_ceilings(per, summary, patients, a.crop)
+    validation.add_ceilings(per, summary, patients, a.crop)
     metrics = dict(summary)
     metrics.update({"per_patient": {pid: {k: v for k, v in s.items() if k != "dice_2d"} for pid, s in per.items()},
                     "profile": a.profile, "iterations": int(solver.iter), "fold": a.fold,
                     "train_seconds": round(elapsed, 1), "seconds_per_iteration":
                     round(elapsed / max(1, solver.iter - start), 3), "weights": init, "mode": mode,
                     "snapshot": os.path.relpath(model, run)})
-    evaluate.merge_json(os.path.join(run, "metrics.json"), metrics)
+    caffe_net.merge_json(os.path.join(run, "metrics.json"), metrics)
     log("done: %d iterations in %.0f s; validation mean 3D Dice %.3f ± %.3f (ceiling %.3f, predicted/true %.2f); %s"
         % (solver.iter, elapsed, summary["mean_dice_3d"], summary["sd_dice_3d"], summary["ceiling_dice_3d"],
            summary["mean_pred_ratio"], os.path.join(run, "final.caffemodel")))
