@@ -1,7 +1,7 @@
 """The TS-FCN of the report (SPEC §2-§3) as one caffe.NetSpec source.
 
 This module owns the network definition: `ts_fcn(split, ...)` builds the train, val or deploy
-NetParameter; `python3 prototxt/net.py` regenerates the committed prototxt/{train,val,deploy}.prototxt
+NetParameter; `python3 -m prototxt.net` regenerates the committed prototxt/{train,val,deploy}.prototxt
 and `--check` fails when they differ from a regeneration. Layer names follow VGG16 (conv1_1 ...
 conv3_2, fc6, fc7) so pretrained weights transplant by name (tools/surgery.py).
 
@@ -15,9 +15,6 @@ import difflib
 import json
 import os
 import sys
-
-if __package__ in (None, ""):  # run as `python3 prototxt/net.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 

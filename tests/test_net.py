@@ -56,7 +56,7 @@ def _write_h5(folder, name, n, side, seed):
 
 def test_committed_prototxt_equal_a_regeneration():
     assert tsnet.check() == []
-    out = subprocess.run(["python3", "prototxt/net.py", "--check"], cwd=os.path.dirname(
+    out = subprocess.run(["python3", "-m", "prototxt.net", "--check"], cwd=os.path.dirname(
         tsnet.HERE), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
     assert out.returncode == 0, out.stdout
 

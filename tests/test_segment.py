@@ -424,11 +424,10 @@ def test_roi_from_rtstruct_gives_box_and_slices(phantom, tmp_path):
     assert summary["tumor_voxels"] == 0 and summary["volume_ml"] == 0.0
 
 
-def test_cli_help_runs_as_a_script():
+def test_cli_help_runs_from_any_folder():
     import subprocess
     import sys
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "segment.py")
-    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd="/")
+    out = subprocess.run([sys.executable, "-m", "tools.segment", "--help"], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0 and "half-open" in out.stdout and "--prototxt" in out.stdout
 
 

@@ -17,7 +17,7 @@ over seeds and over folds) and RUNS/cv_seeds_dice.png.
 On a Slurm cluster (make cv SCHEDULER=slurm, tools/slurm.py) every fold x seed is one array task: --plan lists
 the tasks, --task I runs one exactly as above, --summary-only writes the tables and figures.
 
-CLI: python3 tools/cv.py --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--weights W] [--runs runs/cv]
+CLI: python3 -m tools.cv --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--weights W] [--runs runs/cv]
      [--seeds 0,1,2] [--train-args "--crop aligned ..."] [--plan | --task I | --summary-only]
 """
 import argparse
@@ -33,17 +33,12 @@ from tools import score
 from solver import profiles
 from tools import train as train_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def fold_commands(k, data, run, profile, weights=None, gpu=None, extra=()):
     """The train and evaluate command lines of fold k."""
-    dev = ["--gpu", str(gpu)] if gpu is not None else []
-    train = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--fold", str(k), "--data", data,
-             "--run", run, "--profile", profile] + (["--weights", weights] if weights else []) + dev + list(extra)
-    evaluate = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--fold", str(k), "--data", data,
-                "--run", run] + dev
-    return train, evaluate
+    train = train_tool.command(k, data, run, profile, weights=weights, gpu=gpu, extra=extra)
+    evaluate = [sys.executable, "-m", "tools.evaluate", "--fold", str(k), "--data", data, "--run", run]
+    return train, evaluate + (["--gpu", str(gpu)] if gpu is not None else [])
 
 
 def fold_done(run):

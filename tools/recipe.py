@@ -9,7 +9,7 @@ folder under OUT (also runs made by hand with train.py) and writes
   OUT/recipe_curves.png  mean validation 3D Dice against iterations, one curve per run (dashed: under the other
                          decision rule), the ceiling dotted
 
-CLI: python3 tools/recipe.py --data DATA --out OUT [--fold 0] [--seed 0] [--only NAME ...] [--summarize-only]
+CLI: python3 -m tools.recipe --data DATA --out OUT [--fold 0] [--seed 0] [--only NAME ...] [--summarize-only]
 """
 import argparse
 import json

@@ -19,7 +19,7 @@ solver's weights forwards the un-augmented validation slices (tools/validation.p
 per-patient 3D Dice. Ctrl-C (SIGINT) or SIGTERM: snapshot, write the log, exit 130. Rerunning the
 same command resumes from the latest RUN/snapshots/*.solverstate (iteration and lr schedule intact).
 
-CLI: python3 tools/train.py --fold K --data DATA --run RUN [--profile paper|fast] [--weights W]
+CLI: python3 -m tools.train --fold K --data DATA --run RUN [--profile paper|fast] [--weights W]
      [--gpu ID] [--crop center|aligned] [--loss-normalize|--loss-sum] [--class-weights BG TUMOR] [--seed S]
 """
 import argparse
@@ -32,16 +32,14 @@ import signal
 import sys
 import time
 
-os.environ.setdefault("GLOG_minloglevel", "2")   # keep Caffe's per-layer log off the console
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import atomic  # noqa: E402
-import paper  # noqa: E402
-from solver import make_solver, profiles  # noqa: E402
-from tools import caffe_net, score, validation  # noqa: E402
-from tools.train_log import TrainLog  # noqa: E402
+import atomic
+import paper
+from solver import make_solver, profiles
+from tools import caffe_net, score, validation
+from tools.train_log import TrainLog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,7 +187,7 @@ def prepare(a):
             "validate_every": int(validate_every), "base_lr": s.base_lr, "seed": a.seed,
             "lr_policy": s.lr_policy, "iter_size": int(p["iter_size"]), "decision": p["decision"],
             "class_weights": p["class_weights"], "average": p["average"],
-            "command": " ".join(shlex.quote(x) for x in ["tools/train.py"] + list(getattr(a, "argv", None) or []))}
+            "command": " ".join(shlex.quote(x) for x in ["python3", "-m", "tools.train"] + list(getattr(a, "argv", None) or []))}
     old = caffe_net.run_info(run)
     if old and old.get("net") != net_kw and caffe_net.latest_solverstate(run) and not a.restart:
         raise SystemExit("error: %s holds a run with net options %s, not %s; use another --run"
@@ -335,6 +333,15 @@ def train(a):
         % (solver.iter, elapsed, summary["mean_dice_3d"], summary["sd_dice_3d"], summary["ceiling_dice_3d"],
            summary["mean_pred_ratio"], os.path.join(run, "final.caffemodel")))
     return 0
+
+
+def command(fold, data, run, profile, seed=None, weights=None, gpu=None, extra=()):
+    """The command line that trains one fold in RUN: the one builder tools/cv.py, tools/ablation.py and
+    tools/recipe.py run (`extra`, more train.py options, comes last and wins)."""
+    return ([sys.executable, "-m", "tools.train", "--fold", str(fold), "--data", data, "--run", run,
+             "--profile", profile] + (["--seed", str(seed)] if seed is not None else [])
+            + (["--weights", weights] if weights else []) + (["--gpu", str(gpu)] if gpu is not None else [])
+            + list(extra))
 
 
 def add_passthrough_args(ap, each, example):
