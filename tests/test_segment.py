@@ -442,7 +442,7 @@ def _series(folder, p, charset=None, name=None, blank_sop=False):
     a SOPClassUID left present but empty, as de-identification tools leave it."""
     from data_prep import phantoms
     os.makedirs(folder, exist_ok=True)
-    uids = phantoms._uids(p)
+    uids = phantoms.patient_uids(p)
     cts = phantoms.ct_datasets(p, uids)
     rs = phantoms.rtstruct_dataset(p, cts, uids)
     for ds in cts + [rs]:
