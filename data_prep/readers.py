@@ -4,8 +4,9 @@ Public API
 - load_patient(folder, roi_regex=paper.ROI_REGEX, patient="P001") -> Scan with image and mask.
   The folder holds either `image.nii|.nii.gz|.nrrd` + `mask.nii|.nii.gz|.nrrd` on the same grid, or
   DICOM files in any sub-folder structure with any names: a CT series plus an RTSTRUCT or DICOM-SEG
-  (see data_prep.dicom_series for the series choice and checks, data_prep.dicom_masks for the ROI
-  choice -- a single ROI is used whatever its name, several matching ROIs are united).
+  (data_prep.dicom_files finds and classifies the files, data_prep.dicom_series chooses and checks the
+  CT series, data_prep.dicom_pixels decodes it, data_prep.dicom_masks reads the segmentation and chooses
+  the ROI -- a single ROI is used whatever its name, several matching ROIs are united).
 - load_scan(path, patient="scan") -> Scan without mask: a DICOM folder, or a .nii/.nii.gz/.nrrd file.
 - load_roi_mask(path, scan, roi_regex=paper.ROI_REGEX) -> uint8 (Z, Y, X) mask on `scan`'s grid,
   from a mask volume, an RTSTRUCT/SEG file, or a folder holding RTSTRUCT/SEG files.
@@ -32,7 +33,7 @@ import os
 import numpy as np
 
 import paper
-from data_prep import dicom_masks, dicom_series
+from data_prep import dicom_files, dicom_masks, dicom_series
 from data_prep.dicom_series import AXIAL_MIN_COS
 from data_prep.errors import BadInput, redact
 from data_prep.scan import Scan
@@ -233,10 +234,10 @@ def _public(fn):
     def wrapper(path, *args, **kw):
         seen = []
         try:
-            with dicom_series.quiet():
+            with dicom_files.quiet():
                 return fn(path, *args, seen=seen, **kw)
         except BadInput as e:
-            e = e.redacted(dicom_series.identities(seen))
+            e = e.redacted(dicom_files.identities(seen))
             folder = _folder_of(path)
             paths = {os.fspath(path), os.path.abspath(path), os.path.realpath(path), folder}
             raise BadInput(e.patient, _redact_dirs(e.file, os.path.basename(folder)),
@@ -266,7 +267,7 @@ def load_patient(folder, roi_regex=paper.ROI_REGEX, patient="P001", seen=None):
         if not scan.mask.any():
             raise BadInput(patient, mask, "empty mask: no voxel >= 0.5")
         return scan
-    files = dicom_series.find_dicom(folder, patient)
+    files = dicom_files.find_dicom(folder, patient)
     seen.extend(f.header for f in files)
     if not files:
         raise BadInput(patient, ".", "no DICOM files and no image.nii/.nii.gz/.nrrd in the folder")
@@ -289,7 +290,7 @@ def load_scan(path, patient="scan", seen=None):
         return _volume_scan(path, os.path.basename(path), patient)
     if not os.path.isdir(path):
         raise BadInput(patient, ".", "scan path not found")
-    files = dicom_series.find_dicom(path, patient)
+    files = dicom_files.find_dicom(path, patient)
     seen.extend(f.header for f in files)
     if not files:
         image = find_volume(path, "image")
@@ -311,13 +312,13 @@ def load_roi_mask(path, scan, roi_regex=paper.ROI_REGEX, patient="scan", seen=No
             raise BadInput(patient, rel, "empty mask: no voxel >= 0.5")
         return mask
     if os.path.isfile(path):
-        f = dicom_series.read_header(path, os.path.basename(path), patient)
+        f = dicom_files.read_header(path, os.path.basename(path), patient)
         seen.extend([f.header] if f is not None else [])
         if f is None or f.kind not in ("rtstruct", "seg"):
             raise BadInput(patient, os.path.basename(path), "not a mask volume, RTSTRUCT or DICOM-SEG")
         segs = [f]
     elif os.path.isdir(path):
-        files = dicom_series.find_dicom(path, patient)
+        files = dicom_files.find_dicom(path, patient)
         seen.extend(f.header for f in files)
         segs = _segmentations(files)
         if not segs:

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from data_prep import dicom_series, phantoms, readers
+from data_prep import dicom_files, phantoms, readers
 from data_prep.errors import BadInput
 from test_readers import DZ, TUMOR, disc, truth_hu, write_ct, write_rtstruct
 
@@ -178,7 +178,7 @@ def test_whole_real_files_are_not_truncated():
         ds = pydicom.dcmread(path, force=True)
         with open(path, "rb") as f:
             preamble = f.read(132)[128:] == b"DICM"
-        assert not dicom_series.file_ends_inside_an_element(path, ds, preamble), name
+        assert not dicom_files.file_ends_inside_an_element(path, ds, preamble), name
 
 
 # --- 8. one placement rule for contours -------------------------------------------------------------

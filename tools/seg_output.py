@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 import atomic
-from data_prep import dicom_series, readers
+from data_prep import dicom_files, readers
 
 SEG_ALGORITHM = "TS-FCN"
 SEG_SEGMENT_LABEL = "Tumor"
@@ -141,7 +141,7 @@ def seg_sources(headers):
     for ds in headers:
         ds = copy.copy(ds)
         if not str(ds.get("SOPClassUID", "") or "").strip():
-            ds.SOPClassUID = dicom_series.sop_class(ds) or dicom_series.CT_IMAGE
+            ds.SOPClassUID = dicom_files.sop_class(ds) or dicom_files.CT_IMAGE
         for key, value in _TYPE2_DEFAULTS.items():
             if key not in ds:
                 setattr(ds, key, value)

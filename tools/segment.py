@@ -98,7 +98,7 @@ def check_box(box_xy: Sequence[int], shape_yx: Sequence[int]) -> None:
 
 def check_ct(scan) -> None:
     """DICOM scans must be CT. The reader keeps only CT images (by SOP class, file meta, or Modality
-    with pixel data: data_prep.dicom_series); a CT-class series whose Modality names another modality
+    with pixel data: data_prep.dicom_files); a CT-class series whose Modality names another modality
     (PT, MR) is refused here. An empty or missing Modality is no objection (de-identification tools
     blank it). NIfTI/NRRD carry no modality and are taken as CT in HU."""
     headers = getattr(scan, "headers", None) or []
