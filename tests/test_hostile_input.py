@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from data_prep import dicom_files, phantoms, readers
 from data_prep.errors import BadInput
-from test_readers import DZ, TUMOR, disc, truth_hu, write_ct, write_rtstruct
+from dicom_writer import DZ, TUMOR, disc, truth_hu, write_ct, write_rtstruct
 
 SIZE, SLICES = 64, 10
 
