@@ -26,6 +26,7 @@ from caffe.proto import caffe_pb2
 
 import atomic
 import paper
+from prototxt import net as netdef
 from tools import caffe_net
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -44,12 +45,11 @@ def source_net_spec(layers=paper.PRETRAINED_LAYERS):
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[1, paper.INPUT_CHANNELS, 32, 32]))
     bottom, wanted = n.data, set(layers)
-    for block, (channels, convs) in enumerate(paper.CONV_BLOCKS, start=1):
+    for block, names, channels in netdef.conv_blocks():
         if block > 1:
             bottom = L.Pooling(bottom, pool=caffe.params.Pooling.MAX, kernel_size=2, stride=2)
             setattr(n, "pool%d" % (block - 1), bottom)
-        for i in range(1, convs + 1):
-            name = "conv%d_%d" % (block, i)
+        for name in names:
             if name not in wanted:
                 continue
             conv = L.Convolution(bottom, num_output=channels, kernel_size=3, pad=1)
