@@ -1,4 +1,4 @@
-"""Real and hostile cohorts (issue 14): each fault the readers met on real scanner data or a damaged
+"""Real and hostile cohorts: each fault the readers met on real scanner data or a damaged
 cohort, rebuilt here on a tiny case and checked for its one clear line (pseudonym, file relative to
 the patient folder, no name, no ID, no input path) or, for what is valid, for the right voxels.
 

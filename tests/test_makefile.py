@@ -1,4 +1,4 @@
-"""The Makefile hands every value to its tool verbatim and never evaluates it (issue 14).
+"""The Makefile hands every value to its tool verbatim and never evaluates it.
 
 Each target that takes a path, a pattern or a number runs for real through make and bash, with
 RUNTIME= pointing at a recorder that stands in for tools/runtime/runtime.sh: it writes down the argv

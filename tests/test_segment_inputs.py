@@ -14,7 +14,7 @@ from tools import seg_output
 from tools import segment as seg
 
 
-# --- issue 14: character sets, names, ROI=, hostile paths through `make segment` in real Caffe ---------
+# --- character sets, names, ROI=, hostile paths through `make segment` in real Caffe -------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTILE = "a b 'q' \"d\" $HOME $(touch pwned1) `touch pwned2` ü漢"

@@ -171,7 +171,7 @@ def view_window(box, shape_yx, margin=0.0):
     return r0, r1, c0, c1
 
 
-def write_overlays(folder, hu_zyx, mask_zyx, z_range, box, prob_zyx=None):
+def write_overlays(folder, hu_zyx, mask_zyx, z_range, box):
     """One PNG per segmented slice: the CT (lung window) around the box, the mask's contour in red.
     Returns the file names (relative to `folder`)."""
     import matplotlib

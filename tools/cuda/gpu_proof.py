@@ -1,4 +1,4 @@
-"""GPU proof of the CUDA Caffe build (issue 7 part 4): the checks tools/cuda/gpu-proof.sh runs on a GPU.
+"""GPU proof of the CUDA Caffe build: the checks tools/cuda/gpu-proof.sh runs on a GPU.
 
 (a) cpu-vs-gpu: a small conv net without dropout, same seed and data, trained on the CPU and on the GPU:
     the loss curves must agree (float32; different BLAS, so to ~1e-4, not bit for bit).
