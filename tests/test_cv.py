@@ -116,7 +116,7 @@ def test_cv_passes_train_args_to_every_fold(tmp_path, monkeypatch):
     assert seen["extra"] == ["--max-iter", "3", "--crop", "aligned", "--class-weights", "0.5", "0.5"]
     train, _ = cv.fold_commands(0, "/d", "/r", "fast", extra=seen["extra"])
     from tools import train as train_tool
-    a = train_tool.parser().parse_args(train[2:])
+    a = train_tool.parser().parse_args(train[3:])
     assert a.crop == "aligned" and a.class_weights == [0.5, 0.5] and a.max_iter == 3
 
 
