@@ -17,8 +17,8 @@ def make_phantom(folder):
 def make_filler_model(path):
     """A caffemodel of the real deploy net, as its fillers make it (untrained, real Caffe), at `path`."""
     import caffe
-    from tools import segment as seg
-    caffe.set_mode_cpu()
+    from tools import caffe_net, segment as seg
+    caffe_net.use_device()
     caffe.set_random_seed(0)
     caffe.Net(seg.DEFAULT_PROTOTXT, caffe.TEST).save(path)
     return path
