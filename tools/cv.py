@@ -29,7 +29,7 @@ import time
 
 import atomic
 import paper
-from tools import score
+from tools import caffe_net, score
 from solver import profiles
 from tools import train as train_tool
 
@@ -141,8 +141,7 @@ def figure(table, png):
 def tumor_volumes_ml(table, data_dir):
     """{patient: tumor volume in ml} from the table's truth pixels (in the 100x100 crops) and the manifest's
     geometry (a crop pixel is box_side / 100 source pixels on a side; slice spacing dz)."""
-    with open(os.path.join(data_dir, "manifest.json")) as f:
-        geometry = {p["id"]: p for p in json.load(f)["patients"]}
+    geometry = {p["id"]: p for p in caffe_net.read_manifest(data_dir)["patients"]}
     volumes = {}
     for r in table["folds"]:
         for pid, truth in r.get("truth_pixels", {}).items():
@@ -301,8 +300,7 @@ def main(argv=None):
     mode.add_argument("--task", type=int, metavar="I", help="run only task I of --plan (one Slurm array task)")
     mode.add_argument("--summary-only", action="store_true", help="only the tables and figures, from the runs")
     a = ap.parse_args(argv)
-    with open(os.path.join(a.data, "manifest.json")) as f:
-        n = len(json.load(f)["folds"])
+    n = len(caffe_net.read_manifest(a.data)["folds"])
     if n != a.folds:
         raise SystemExit("error: %s has %d folds, not %d; remake the data with --folds %d"
                          % (a.data, n, a.folds, a.folds))
