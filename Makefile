@@ -18,7 +18,7 @@
 #     into the root filesystem (a path holding ':' cannot be bound: runtime.sh splits TSFCN_BIND there).
 # A new target follows the same pattern, e.g.
 #     fetch: runtime ## OUT=dir: ...
-#     	$(IN_RUNTIME) $(call q,$(PYTHON)) tools/fetch.py $(call opt,--out,OUT)
+#     	$(IN_RUNTIME) $(call q,$(PYTHON)) -m tools.fetch $(call opt,--out,OUT)
 # and adds its path variables to BIND_VARS. tests/test_makefile.py checks every target this way.
 
 SHELL := /bin/bash
@@ -77,8 +77,8 @@ help: ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
 env: runtime ## make the Caffe runtime (Debian 11 + BVLC Caffe 1.0), once; prints the BLAS core and math chosen
-	@$(IN_RUNTIME) $(PY) tools/runtime/blas_core.py --report
-	@$(IN_RUNTIME) $(PY) tools/runtime/parallel_math.py --report
+	@$(IN_RUNTIME) $(PY) -m tools.runtime.blas_core --report
+	@$(IN_RUNTIME) $(PY) -m tools.runtime.parallel_math --report
 
 runtime:
 	@$(call q,$(RUNTIME)) ensure
@@ -105,36 +105,36 @@ data: runtime ## RAW=dir DATA=dir [FOLDS SEED JOBS ROI SKIP_BAD=1 BOX=slice RESI
 	  $(call opt,--resize,RESIZE)
 
 prototxt: runtime ## regenerate prototxt/{train,val,deploy}.prototxt from prototxt/net.py
-	$(IN_RUNTIME) $(PY) prototxt/net.py
+	$(IN_RUNTIME) $(PY) -m prototxt.net
 
 weights: runtime ## download the FCN-32s PASCAL (or WEIGHTS_SOURCE=vgg16) caffemodel into weights/
-	$(IN_RUNTIME) $(PY) tools/weights.py $(call opt,--source,WEIGHTS_SOURCE)
+	$(IN_RUNTIME) $(PY) -m tools.weights $(call opt,--source,WEIGHTS_SOURCE)
 
 train: runtime ## FOLD=k [DATA RUN WEIGHTS GPU PROFILE=paper|fast TRAIN_ARGS='--crop aligned ...']: train one fold
-	$(IN_RUNTIME) $(PY) tools/train.py $(call opt,--fold,FOLD) $(call opt,--data,DATA) $(call opt,--run,RUN) \
+	$(IN_RUNTIME) $(PY) -m tools.train $(call opt,--fold,FOLD) $(call opt,--data,DATA) $(call opt,--run,RUN) \
 	  $(call opt,--profile,PROFILE) $(call opt,--weights,WEIGHTS) $(call opt,--gpu,GPU) $(call arglist,TRAIN_ARGS)
 
 eval: runtime ## FOLD=k [RUN SNAPSHOT GPU]: caffe test + per-patient 3D Dice + figures
-	$(IN_RUNTIME) $(PY) tools/evaluate.py $(call opt,--fold,FOLD) $(call opt,--data,DATA) $(call opt,--run,RUN) \
+	$(IN_RUNTIME) $(PY) -m tools.evaluate $(call opt,--fold,FOLD) $(call opt,--data,DATA) $(call opt,--run,RUN) \
 	  $(call opt,--snapshot,SNAPSHOT) $(call opt,--gpu,GPU)
 
 cv: runtime ## [GPUS=0,1,... RUNS=runs/cv SEEDS=0,1,2 SCHEDULER=slurm SLURM_ARGS='...' WAIT=1]: every fold, then the table
-	$(scheduled) tools/cv.py $(call opt,--data,DATA) $(call opt,--folds,FOLDS) $(call opt,--profile,PROFILE) \
+	$(scheduled) -m tools.cv $(call opt,--data,DATA) $(call opt,--folds,FOLDS) $(call opt,--profile,PROFILE) \
 	  $(call opt,--gpus,GPUS) $(call opt,--weights,WEIGHTS) $(call opt,--runs,RUNS) $(call opt,--seeds,SEEDS) \
 	  $(call opt,--train-args,TRAIN_ARGS)
 
 ablation: runtime ## [RAW OUT TRAIN_ARGS SCHEDULER=slurm SLURM_ARGS WAIT=1] the SPEC 7 options, weights 0.5/0.5: one table
-	$(scheduled) tools/ablation.py $(call q,--raw=$(or $(RAW),runs/demo/raw)) \
+	$(scheduled) -m tools.ablation $(call q,--raw=$(or $(RAW),runs/demo/raw)) \
 	  $(call q,--out=$(or $(OUT),runs/ablation)) $(call q,--profile=$(or $(filter-out paper,$(PROFILE)),fast)) \
 	  $(call opt,--gpu,GPU) $(call opt,--train-args,TRAIN_ARGS)
 
 recipe: runtime ## [DATA=runs/demo/data OUT=runs/recipe FOLD=0 SEED=0 ONLY='a b']: the fast profile's study -> recipe.md
-	$(IN_RUNTIME) $(PY) tools/recipe.py $(call q,--data=$(if $(call from_cmdline,DATA),$(DATA),runs/demo/data)) \
+	$(IN_RUNTIME) $(PY) -m tools.recipe $(call q,--data=$(if $(call from_cmdline,DATA),$(DATA),runs/demo/data)) \
 	  $(call q,--out=$(or $(OUT),runs/recipe)) $(call opt,--fold,FOLD) $(call opt,--seed,SEED) \
 	  $(if $(strip $(ONLY)),--only $(call arglist,ONLY))
 
 segment: runtime ## SCAN=... BOX=x0,y0,x1,y1 SLICES=z0:z1 (or ROI_FILE=... [ROI=regex]) MODEL=... OUT=...: tumor mask
-	$(IN_RUNTIME) $(PY) tools/segment.py $(call opt,--scan,SCAN) $(call opt,--box,BOX) $(call opt,--slices,SLICES) \
+	$(IN_RUNTIME) $(PY) -m tools.segment $(call opt,--scan,SCAN) $(call opt,--box,BOX) $(call opt,--slices,SLICES) \
 	  $(call opt,--roi,ROI_FILE) $(call opt,--roi-regex,ROI) $(call opt,--model,MODEL) $(call opt,--out,OUT) \
 	  $(call opt,--threshold,THRESHOLD) $(call opt,--prototxt,PROTOTXT) $(call opt,--batch,BATCH) \
 	  $(call opt,--hu-window,HU_WINDOW) $(call opt,--resize,RESIZE) $(call opt,--gpu,GPU)

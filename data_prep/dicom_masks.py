@@ -31,7 +31,7 @@ import numpy as np
 import pydicom
 
 from data_prep import contours
-from data_prep.dicom_series import quiet
+from data_prep.dicom_files import find_in_groups, quiet
 from data_prep.errors import BadInput
 
 IN_PLANE_TOLERANCE = 0.1   # pixels: a SEG frame origin further off the CT grid is another grid
@@ -208,16 +208,6 @@ def rasterise_rtstruct(f, numbers, grid, patient, mask):
 
 # --- DICOM-SEG -----------------------------------------------------------------------------------
 
-def _first(groups, seq_name, attr):
-    for g in groups:
-        if g is None:
-            continue
-        seq = g.get(seq_name)
-        if seq and attr in seq[0]:
-            return seq[0].get(attr)
-    return None
-
-
 def _frame_source_uid(fg):
     for d in fg.get("DerivationImageSequence") or []:
         for s in d.get("SourceImageSequence") or []:
@@ -249,23 +239,23 @@ def rasterise_seg(f, numbers, grid, patient, mask):
     per = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per) != n:
         raise BadInput(patient, f.rel, "SEG with %d frames but %d per-frame groups" % (n, len(per)))
-    iop = _first((shared,) + tuple(per[:1]), "PlaneOrientationSequence", "ImageOrientationPatient")
+    iop = find_in_groups((shared,) + tuple(per[:1]), "PlaneOrientationSequence", "ImageOrientationPatient")
     if iop is not None:
         iop = np.array([float(v) for v in iop])
         if np.max(np.abs(iop - np.r_[grid.row_cos, grid.col_cos])) > 1e-3:
             raise BadInput(patient, f.rel, "SEG orientation differs from the CT series: different grids")
-    ps = _first((shared,) + tuple(per[:1]), "PixelMeasuresSequence", "PixelSpacing")
+    ps = find_in_groups((shared,) + tuple(per[:1]), "PixelMeasuresSequence", "PixelSpacing")
     if ps is not None:
         ps = np.array([float(v) for v in ps])
         if np.max(np.abs(ps - (grid.dy, grid.dx))) > 1e-3 * max(grid.dx, grid.dy):
             raise BadInput(patient, f.rel, "SEG pixel spacing differs from the CT series: different grids")
     for i, fg in enumerate(per):
         groups = (fg, shared)
-        number = _first(groups, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
+        number = find_in_groups(groups, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
         if number is None or int(number) not in numbers:
             continue
         k = None
-        pos = _first(groups, "PlanePositionSequence", "ImagePositionPatient")
+        pos = find_in_groups(groups, "PlanePositionSequence", "ImagePositionPatient")
         if pos is not None:
             pos = np.array([float(v) for v in pos])
             k = grid.slice_at(float(pos @ grid.normal))

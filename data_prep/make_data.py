@@ -31,7 +31,7 @@ Idempotent and atomic: every file is written to a temporary name and renamed; ea
 files carry a hash of the processing parameters and of the input folder's file listing (names, sizes,
 mtimes), and a rerun skips the patients whose two files exist and match.
 
-Non-axial scans: the readers decide (they refuse or resample; see data_prep.readers).
+Non-axial scans are refused by the readers, never resampled (data_prep.dicom_series says why).
 """
 import argparse
 import contextlib
@@ -188,7 +188,7 @@ def remove_stale_temps(data_dir: str) -> None:
 
 
 def _load(folder, pid, roi):
-    from data_prep import readers    # the READERS engineer's module; imported late (heavy DICOM deps)
+    from data_prep import readers    # imported late: heavy DICOM dependencies
     return readers.load_patient(folder, roi, patient=pid)
 
 

@@ -4,8 +4,9 @@ Public API
 - load_patient(folder, roi_regex=paper.ROI_REGEX, patient="P001") -> Scan with image and mask.
   The folder holds either `image.nii|.nii.gz|.nrrd` + `mask.nii|.nii.gz|.nrrd` on the same grid, or
   DICOM files in any sub-folder structure with any names: a CT series plus an RTSTRUCT or DICOM-SEG
-  (see data_prep.dicom_series for the series choice and checks, data_prep.dicom_masks for the ROI
-  choice -- a single ROI is used whatever its name, several matching ROIs are united).
+  (data_prep.dicom_files finds and classifies the files, data_prep.dicom_series chooses and checks the
+  CT series, data_prep.dicom_pixels decodes it, data_prep.dicom_masks reads the segmentation and chooses
+  the ROI -- a single ROI is used whatever its name, several matching ROIs are united).
 - load_scan(path, patient="scan") -> Scan without mask: a DICOM folder, or a .nii/.nii.gz/.nrrd file.
 - load_roi_mask(path, scan, roi_regex=paper.ROI_REGEX) -> uint8 (Z, Y, X) mask on `scan`'s grid,
   from a mask volume, an RTSTRUCT/SEG file, or a folder holding RTSTRUCT/SEG files.
@@ -32,7 +33,7 @@ import os
 import numpy as np
 
 import paper
-from data_prep import dicom_masks, dicom_series
+from data_prep import dicom_files, dicom_masks, dicom_series
 from data_prep.dicom_series import AXIAL_MIN_COS
 from data_prep.errors import BadInput, redact
 from data_prep.scan import Scan
@@ -65,7 +66,7 @@ def find_volume(folder, stem):
     return None
 
 
-def _nrrd_space_signs(space, patient, rel):
+def nrrd_space_signs(space, patient, rel):
     """Sign of each world axis to turn the NRRD space into LPS."""
     if space is None:
         return np.ones(3)
@@ -80,6 +81,28 @@ def _nrrd_space_signs(space, patient, rel):
     return np.array(table[s], dtype=np.float64)
 
 
+def nrrd_geometry(header, patient, rel):
+    """(4x4 affine of the spatial axes to LPS mm, the spatial axes) of an NRRD header (pynrrd's dict)."""
+    dirs = header.get("space directions")
+    spatial = [0, 1, 2]
+    if dirs is not None:
+        dirs = np.array([[np.nan] * 3 if d is None else d for d in dirs], dtype=np.float64)
+        spatial = [a for a in range(len(dirs)) if np.all(np.isfinite(dirs[a]))]
+        if len(spatial) != 3:
+            raise BadInput(patient, rel, "NRRD with %d spatial axes (3 needed)" % len(spatial))
+        dirs = dirs[spatial]
+        origin = np.array(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    else:
+        spacings = header.get("spacings")
+        dirs = np.diag(np.array(spacings, dtype=np.float64)[:3] if spacings is not None else np.ones(3))
+        origin = np.zeros(3)
+    affine = np.eye(4)
+    affine[:3, :3] = dirs.T                      # column a = direction of axis a
+    affine[:3, 3] = origin
+    affine[:3] *= nrrd_space_signs(header.get("space"), patient, rel)[:, None]
+    return affine, spatial
+
+
 def _read_volume(path, rel, patient):
     """Voxel array (i, j, k) and its 4x4 affine to LPS mm."""
     ext = _volume_ext(path)
@@ -87,29 +110,12 @@ def _read_volume(path, rel, patient):
         if ext == ".nrrd":
             import nrrd
             data, header = nrrd.read(path)
-            ndim = data.ndim
-            dirs = header.get("space directions")
-            if dirs is not None:
-                dirs = np.array([[np.nan] * 3 if d is None else d for d in dirs], dtype=np.float64)
-                spatial = [a for a in range(len(dirs)) if np.all(np.isfinite(dirs[a]))]
-                if len(spatial) != 3:
-                    raise BadInput(patient, rel, "NRRD with %d spatial axes (3 needed)" % len(spatial))
-                dirs = dirs[spatial]
-                if ndim > 3:
-                    extra = [a for a in range(ndim) if a not in spatial]
-                    if any(data.shape[a] != 1 for a in extra):
-                        raise BadInput(patient, rel, "NRRD with a non-spatial axis of size > 1")
-                    data = data.reshape([data.shape[a] for a in spatial])
-                origin = np.array(header.get("space origin", np.zeros(3)), dtype=np.float64)
-            else:
-                spacings = header.get("spacings")
-                dirs = np.diag(np.array(spacings, dtype=np.float64)[:3] if spacings is not None else np.ones(3))
-                origin = np.zeros(3)
-            affine = np.eye(4)
-            affine[:3, :3] = dirs.T                      # column a = direction of axis a
-            affine[:3, 3] = origin
-            signs = _nrrd_space_signs(header.get("space"), patient, rel)
-            affine[:3] *= signs[:, None]
+            affine, spatial = nrrd_geometry(header, patient, rel)
+            if data.ndim > 3:
+                extra = [a for a in range(data.ndim) if a not in spatial]
+                if any(data.shape[a] != 1 for a in extra):
+                    raise BadInput(patient, rel, "NRRD with a non-spatial axis of size > 1")
+                data = data.reshape([data.shape[a] for a in spatial])
             kind = "nrrd"
         else:
             import nibabel as nib
@@ -156,30 +162,38 @@ def _volume_scan(path, rel, patient):
     return Scan(hu=hu, mask=None, spacing=spacing, affine=affine, source_kind=kind)
 
 
-def _onto_grid(data, affine, scan, rel, patient):
-    """Re-index voxel array `data` (i, j, k) with `affine` onto `scan`'s (Z, Y, X) grid.
+def on_grid(data, affine, ref_affine, ref_shape):
+    """Voxel array `data` (i, j, k) with `affine` re-indexed onto the grid (ref_affine, ref_shape), also (i, j, k),
+    when the two are the same grid; None when they are not.
 
-    Same grid means: every voxel centre coincides with one of the scan's (within GRID_TOLERANCE of a
-    voxel), i.e. the two index spaces differ only by axis swaps and flips -- whatever order each
-    file stores its voxels in (a NIfTI mask drawn on a DICOM series with flipped rows is fine)."""
-    shape_xyz = scan.hu.shape[::-1]
-    t = np.linalg.solve(scan.affine, affine)            # mask voxel -> scan voxel (x, y, z)
+    Same grid means: every voxel centre coincides with one of the reference's (within GRID_TOLERANCE of a
+    voxel), i.e. the two index spaces differ only by axis swaps and flips -- whatever order each file stores
+    its voxels in (a NIfTI mask drawn on a DICOM series with flipped rows is fine). The one rule for reading
+    a mask onto its scan and for writing a result back onto its input's grid (tools/seg_output.py)."""
+    t = np.linalg.solve(ref_affine, affine)            # array voxel -> reference voxel
     perm = np.rint(t[:3, :3])
-    ok = (np.max(np.abs(t[:3, :3] - perm)) <= GRID_TOLERANCE and
-          np.array_equal(np.abs(perm).sum(axis=0), np.ones(3)) and
-          np.array_equal(np.abs(perm).sum(axis=1), np.ones(3)))
-    if ok:
-        src = [int(np.flatnonzero(perm[a])[0]) for a in range(3)]       # mask axis feeding scan axis a
-        sign = [int(perm[a, src[a]]) for a in range(3)]
-        ok = all(data.shape[src[a]] == shape_xyz[a] for a in range(3))
-        if ok:
-            want = np.array([0.0 if sign[a] > 0 else shape_xyz[a] - 1 for a in range(3)])
-            ok = np.max(np.abs(t[:3, 3] - want)) <= GRID_TOLERANCE
-    if not ok:
+    if not (np.max(np.abs(t[:3, :3] - perm)) <= GRID_TOLERANCE and
+            np.array_equal(np.abs(perm).sum(axis=0), np.ones(3)) and
+            np.array_equal(np.abs(perm).sum(axis=1), np.ones(3))):
+        return None
+    src = [int(np.flatnonzero(perm[a])[0]) for a in range(3)]       # array axis feeding reference axis a
+    sign = [int(perm[a, src[a]]) for a in range(3)]
+    if any(data.shape[src[a]] != ref_shape[a] for a in range(3)):
+        return None
+    want = np.array([0.0 if sign[a] > 0 else ref_shape[a] - 1 for a in range(3)])
+    if np.max(np.abs(t[:3, 3] - want)) > GRID_TOLERANCE:
+        return None
+    out = np.transpose(data, src)
+    return out[tuple(slice(None, None, -1) if sign[a] < 0 else slice(None) for a in range(3))]
+
+
+def _onto_grid(data, affine, scan, rel, patient):
+    """Re-index voxel array `data` (i, j, k) with `affine` onto `scan`'s (Z, Y, X) grid (`on_grid`), or refuse."""
+    shape_xyz = scan.hu.shape[::-1]
+    out = on_grid(data, affine, scan.affine, shape_xyz)
+    if out is None:
         raise BadInput(patient, rel, "mask of shape %s and image of shape %s (voxel order as stored) do "
                        "not share voxel centres: different grids" % (tuple(data.shape), tuple(shape_xyz)))
-    out = np.transpose(data, src)
-    out = out[tuple(slice(None, None, -1) if sign[a] < 0 else slice(None) for a in range(3))]
     return np.ascontiguousarray(np.transpose(out, (2, 1, 0)))
 
 
@@ -233,10 +247,10 @@ def _public(fn):
     def wrapper(path, *args, **kw):
         seen = []
         try:
-            with dicom_series.quiet():
+            with dicom_files.quiet():
                 return fn(path, *args, seen=seen, **kw)
         except BadInput as e:
-            e = e.redacted(dicom_series.identities(seen))
+            e = e.redacted(dicom_files.identities(seen))
             folder = _folder_of(path)
             paths = {os.fspath(path), os.path.abspath(path), os.path.realpath(path), folder}
             raise BadInput(e.patient, _redact_dirs(e.file, os.path.basename(folder)),
@@ -266,7 +280,7 @@ def load_patient(folder, roi_regex=paper.ROI_REGEX, patient="P001", seen=None):
         if not scan.mask.any():
             raise BadInput(patient, mask, "empty mask: no voxel >= 0.5")
         return scan
-    files = dicom_series.find_dicom(folder, patient)
+    files = dicom_files.find_dicom(folder, patient)
     seen.extend(f.header for f in files)
     if not files:
         raise BadInput(patient, ".", "no DICOM files and no image.nii/.nii.gz/.nrrd in the folder")
@@ -289,7 +303,7 @@ def load_scan(path, patient="scan", seen=None):
         return _volume_scan(path, os.path.basename(path), patient)
     if not os.path.isdir(path):
         raise BadInput(patient, ".", "scan path not found")
-    files = dicom_series.find_dicom(path, patient)
+    files = dicom_files.find_dicom(path, patient)
     seen.extend(f.header for f in files)
     if not files:
         image = find_volume(path, "image")
@@ -311,13 +325,13 @@ def load_roi_mask(path, scan, roi_regex=paper.ROI_REGEX, patient="scan", seen=No
             raise BadInput(patient, rel, "empty mask: no voxel >= 0.5")
         return mask
     if os.path.isfile(path):
-        f = dicom_series.read_header(path, os.path.basename(path), patient)
+        f = dicom_files.read_header(path, os.path.basename(path), patient)
         seen.extend([f.header] if f is not None else [])
         if f is None or f.kind not in ("rtstruct", "seg"):
             raise BadInput(patient, os.path.basename(path), "not a mask volume, RTSTRUCT or DICOM-SEG")
         segs = [f]
     elif os.path.isdir(path):
-        files = dicom_series.find_dicom(path, patient)
+        files = dicom_files.find_dicom(path, patient)
         seen.extend(f.header for f in files)
         segs = _segmentations(files)
         if not segs:

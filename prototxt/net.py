@@ -1,7 +1,7 @@
 """The TS-FCN of the report (SPEC §2-§3) as one caffe.NetSpec source.
 
 This module owns the network definition: `ts_fcn(split, ...)` builds the train, val or deploy
-NetParameter; `python3 prototxt/net.py` regenerates the committed prototxt/{train,val,deploy}.prototxt
+NetParameter; `python3 -m prototxt.net` regenerates the committed prototxt/{train,val,deploy}.prototxt
 and `--check` fails when they differ from a regeneration. Layer names follow VGG16 (conv1_1 ...
 conv3_2, fc6, fc7) so pretrained weights transplant by name (tools/surgery.py).
 
@@ -15,9 +15,6 @@ import difflib
 import json
 import os
 import sys
-
-if __package__ in (None, ""):  # run as `python3 prototxt/net.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
@@ -64,15 +61,22 @@ def _conv_relu(n, bottom, name, nout, ks=3, pad=1, weight_filler=None, pretraine
     return relu
 
 
+def conv_blocks():
+    """(block, layer names, channels) of the VGG16 blocks the TS-FCN keeps (paper.CONV_BLOCKS): conv1_1 ... conv3_2,
+    each block followed by a 2x2 max pool. The one layout of them: the net here, the transplant source
+    (tools/surgery.py)."""
+    for block, (channels, convs) in enumerate(paper.CONV_BLOCKS, start=1):
+        yield block, ["conv%d_%d" % (block, i) for i in range(1, convs + 1)], channels
+
+
 def _body(n, fc_channels=None, dropout=paper.DROPOUT_RATIO, pretrained_lr_mult=paper.PRETRAINED_LR_MULT):
     """conv1_1 ... score, upscore on n.data (SPEC §2 rows 1-7, before the crop); dropout 0 leaves drop6
     and drop7 out (they only act in training); pretrained_lr_mult: the lr multiplier of conv1_1..conv3_2."""
     fc6_channels = fc_channels or paper.FC6_CHANNELS
     fc7_channels = fc_channels or paper.FC7_CHANNELS
     bottom = n.data
-    for block, (channels, convs) in enumerate(paper.CONV_BLOCKS, start=1):
-        for i in range(1, convs + 1):
-            name = "conv%d_%d" % (block, i)
+    for block, names, channels in conv_blocks():
+        for name in names:
             pad = paper.CONV1_1_PAD if name == "conv1_1" else 1
             bottom = _conv_relu(n, bottom, name, channels, pad=pad, pretrained_lr_mult=pretrained_lr_mult)
         pool = L.Pooling(bottom, pool=P.Pooling.MAX, kernel_size=2, stride=2)

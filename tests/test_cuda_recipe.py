@@ -10,7 +10,6 @@ import glob
 import json
 import os
 import subprocess
-import sys
 import tarfile
 import tempfile
 
@@ -128,17 +127,13 @@ def test_bundle_layout():
 
 
 def _gpu_proof():
-    sys.path.insert(0, CUDA)
-    try:
-        import gpu_proof
-    finally:
-        sys.path.remove(CUDA)
+    from tools.cuda import gpu_proof
     return gpu_proof
 
 
 def _gpu_available():
-    from tools import evaluate
-    return evaluate.cuda_build() and os.path.exists("/dev/nvidia0")
+    from tools import caffe_net
+    return caffe_net.cuda_build() and os.path.exists("/dev/nvidia0")
 
 
 @pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA build of Caffe and a GPU (without one, both halves "

@@ -10,7 +10,6 @@ import pytest
 import paper
 from tools import ablation, cv
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _metrics(run, per, profile="fast", ceiling=0.95):
@@ -91,10 +90,10 @@ def test_tumor_volume_from_crop_counts_and_geometry(tmp_path):
 
 def test_cv_commands_one_gpu_per_fold():
     train, ev = cv.fold_commands(3, "/d", "/r/fold3", "paper", "/w.caffemodel", gpu="1")
-    assert train[0] == sys.executable and train[1].endswith("tools/train.py")
-    assert train[2:] == ["--fold", "3", "--data", "/d", "--run", "/r/fold3", "--profile", "paper",
+    assert train[:3] == [sys.executable, "-m", "tools.train"]
+    assert train[3:] == ["--fold", "3", "--data", "/d", "--run", "/r/fold3", "--profile", "paper",
                          "--weights", "/w.caffemodel", "--gpu", "1"]
-    assert ev[1].endswith("tools/evaluate.py") and ev[-2:] == ["--gpu", "1"]
+    assert ev[:3] == [sys.executable, "-m", "tools.evaluate"] and ev[-2:] == ["--gpu", "1"]
 
 
 def test_cv_passes_train_args_to_every_fold(tmp_path, monkeypatch):
@@ -117,7 +116,7 @@ def test_cv_passes_train_args_to_every_fold(tmp_path, monkeypatch):
     assert seen["extra"] == ["--max-iter", "3", "--crop", "aligned", "--class-weights", "0.5", "0.5"]
     train, _ = cv.fold_commands(0, "/d", "/r", "fast", extra=seen["extra"])
     from tools import train as train_tool
-    a = train_tool.parser().parse_args(train[2:])
+    a = train_tool.parser().parse_args(train[3:])
     assert a.crop == "aligned" and a.class_weights == [0.5, 0.5] and a.max_iter == 3
 
 
@@ -155,7 +154,7 @@ def tiny_cohort(tmp_path_factory):
 
 
 def _tool(name, *args, timeout=900):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", name)] + list(args), stdout=subprocess.PIPE,
+    r = subprocess.run([sys.executable, "-m", "tools." + name[:-len(".py")]] + list(args), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:]
     return r.stdout

@@ -1,4 +1,4 @@
-"""Real and hostile cohorts (issue 14): each fault the readers met on real scanner data or a damaged
+"""Real and hostile cohorts: each fault the readers met on real scanner data or a damaged
 cohort, rebuilt here on a tiny case and checked for its one clear line (pseudonym, file relative to
 the patient folder, no name, no ID, no input path) or, for what is valid, for the right voxels.
 
@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from data_prep import dicom_series, phantoms, readers
+from data_prep import dicom_files, phantoms, readers
 from data_prep.errors import BadInput
-from test_readers import DZ, TUMOR, disc, truth_hu, write_ct, write_rtstruct
+from dicom_writer import DZ, TUMOR, disc, truth_hu, write_ct, write_rtstruct
 
 SIZE, SLICES = 64, 10
 
@@ -178,7 +178,7 @@ def test_whole_real_files_are_not_truncated():
         ds = pydicom.dcmread(path, force=True)
         with open(path, "rb") as f:
             preamble = f.read(132)[128:] == b"DICM"
-        assert not dicom_series.file_ends_inside_an_element(path, ds, preamble), name
+        assert not dicom_files.file_ends_inside_an_element(path, ds, preamble), name
 
 
 # --- 8. one placement rule for contours -------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import caffe
 from prototxt import net as net_module
 import tiny_data
-from tools import lsuv
+from tools import caffe_net, lsuv
 
 
 def test_every_learned_layer_ends_at_unit_std(tmp_path):
@@ -16,7 +16,7 @@ def test_every_learned_layer_ends_at_unit_std(tmp_path):
     cwd = os.getcwd()
     os.chdir(os.path.join(data, "fold0"))
     try:
-        caffe.set_mode_cpu()
+        caffe_net.use_device()
         caffe.set_random_seed(0)
         net = caffe.Net(str(proto), caffe.TRAIN)
         upscore = net.params["upscore"][0].data.copy()

@@ -229,7 +229,7 @@ def test_pseudonyms_deterministic():
     assert make_data.pseudonyms(["n%d" % i for i in range(1200)])["n0"] == "P0001"
 
 
-# --- issue 14: hostile cohorts, output errors, one run per DATA ----------------------------------------
+# --- hostile cohorts, output errors, one run per DATA -------------------------------------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

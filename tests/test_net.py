@@ -14,8 +14,9 @@ from caffe.proto import caffe_pb2
 
 import paper
 from prototxt import net as tsnet
+from tools import caffe_net
 
-caffe.set_mode_cpu()
+caffe_net.use_device()
 # the runtime quiets glog (GLOG_minloglevel=1); these tests read Caffe's INFO lines
 CAFFE_ENV = dict(os.environ, GLOG_minloglevel="0")
 NARROW = 64   # fc6/fc7 width of the small nets built the same way (the real one is 4096)
@@ -56,7 +57,7 @@ def _write_h5(folder, name, n, side, seed):
 
 def test_committed_prototxt_equal_a_regeneration():
     assert tsnet.check() == []
-    out = subprocess.run(["python3", "prototxt/net.py", "--check"], cwd=os.path.dirname(
+    out = subprocess.run(["python3", "-m", "prototxt.net", "--check"], cwd=os.path.dirname(
         tsnet.HERE), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
     assert out.returncode == 0, out.stdout
 

@@ -1,4 +1,4 @@
-"""The phantom cohort (data_prep/phantoms.py): determinism, valid DICOM, RTSTRUCT/SEG/NIfTI/NRRD
+"""The phantom cohort (data_prep/phantoms/): determinism, valid DICOM, RTSTRUCT/SEG/NIfTI/NRRD
 consistency with the true mask, anatomy HU ranges and tumor sizes. Small in-plane sizes keep it fast."""
 import glob
 import os
@@ -67,7 +67,7 @@ def test_same_bytes_and_uids_per_seed(tmp_path, written):
     # another seed: other anatomy and other UIDs
     other = P.make_patient(1, 0, kind="rtstruct", n_slices=SLICES, size=SIZE)
     assert not np.array_equal(other["hu"], p0["hu"])
-    assert P._uids(other)["study"] != P._uids(p0)["study"]
+    assert P.patient_uids(other)["study"] != P.patient_uids(p0)["study"]
 
 
 def test_ct_series_is_valid_dicom_with_consistent_geometry(written):

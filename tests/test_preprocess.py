@@ -120,7 +120,8 @@ def test_hdf5_round_trip_layout_and_atomic(tmp_path):
 def test_caffe_hdf5data_reads_our_files(tmp_path):
     caffe = pytest.importorskip("caffe")
     from caffe import layers as L
-    caffe.set_mode_cpu()
+    from tools import caffe_net
+    caffe_net.use_device()
     d1, l1, s1 = _patient_arrays(2, seed=1)
     d2, l2, s2 = _patient_arrays(1, seed=2)
     hdf5_io.write_patient_h5(str(tmp_path / "P001.h5"), d1, l1, s1)

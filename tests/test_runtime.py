@@ -1,17 +1,15 @@
 """The Caffe runtime: real BVLC Caffe 1.0 (pycaffe and the caffe tool) and a verified BLAS core."""
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import caffe
 from caffe import layers as L
+from tools.runtime import blas_core
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools", "runtime"))
-import blas_core  # noqa: E402
 
 
 def test_caffe_is_bvlc_1_0():

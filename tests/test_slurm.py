@@ -14,12 +14,12 @@ import subprocess
 
 import pytest
 
+import slurm_cluster
+from tools import slurm
+
 if os.path.exists("/.ts-fcn-rootfs"):
     pytest.skip("Slurm runs on the host, not inside the Caffe runtime: `make test` runs this file there next "
                 "(tests/run-on-host.sh)", allow_module_level=True)
-
-import slurm_cluster  # noqa: E402
-from tools import slurm  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME = os.path.join(REPO, "tools", "runtime", "runtime.sh")
@@ -104,7 +104,7 @@ def read_json(path):
 def test_cv_job_array_waits_and_writes_what_a_local_run_writes(cluster, cohort):
     data, runs = cohort / "data", cohort / "cv"
     # Fold 2 was interrupted (as Ctrl-C or a scancel leaves it): its task must resume, not start over.
-    runtime("python3", "tools/train.py", "--fold", "2", "--data", str(data), "--run", str(runs / "fold2"),
+    runtime("python3", "-m", "tools.train", "--fold", "2", "--data", str(data), "--run", str(runs / "fold2"),
             "--profile", "fast", "--stop-after", "1", *TRAIN_ARGS.split(), codes=(130,))
     assert (runs / "fold2" / "snapshots" / "ts_fcn_iter_1.solverstate").exists()
 
@@ -129,7 +129,7 @@ def test_cv_job_array_waits_and_writes_what_a_local_run_writes(cluster, cohort):
     for png in ("cv_dice.png", "cv_dice_vs_volume.png"):
         assert (runs / png).stat().st_size > 10000
     # The summary job wrote what the local path writes: a local run finds every fold done, same files.
-    local = runtime("python3", "tools/cv.py", "--data", str(data), "--runs", str(runs), "--folds", "3",
+    local = runtime("python3", "-m", "tools.cv", "--data", str(data), "--runs", str(runs), "--folds", "3",
                     "--profile", "fast")
     assert local.count("done already") == 3
     assert (runs / "cv.md").read_text() == md and read_json(runs / "cv.json") == table

@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 
 import caffe
-from caffe import layers as L
 from caffe.proto import caffe_pb2
 
 import paper
 from prototxt import net as tsnet
-from tools import surgery
+from tools import caffe_net, surgery
 
-caffe.set_mode_cpu()
+caffe_net.use_device()
 
 
 def _source(tmp_path, layers=paper.PRETRAINED_LAYERS, change=None, v1=False):

@@ -21,7 +21,7 @@ import tiny_data
 from solver import make_solver
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(REPO, "tools", "train.py")
+TRAIN = ["-m", "tools.train"]
 
 
 def _rows(run):
@@ -33,7 +33,7 @@ def _rows(run):
 
 
 def _train_cmd(data, run, *extra):
-    return [sys.executable, TRAIN, "--fold", "0", "--data", data, "--run", run, "--fc-channels", "16",
+    return [sys.executable] + TRAIN + ["--fold", "0", "--data", data, "--run", run, "--fc-channels", "16",
             "--quiet"] + list(extra)
 
 
@@ -96,8 +96,9 @@ def test_interrupt_kill_and_resume_keep_iteration_and_lr(tmp_path):
 
 def _train_phantoms(data, run, fold, *extra, timeout=300):
     """tools/train.py on the phantom_run data (fast profile, fc6/fc7 256 wide); fails the test on a non-zero exit."""
-    r = subprocess.run([sys.executable, TRAIN, "--fold", str(fold), "--data", data, "--run", run, "--profile", "fast",
-                        "--fc-channels", "256", "--quiet"] + list(extra), stdout=subprocess.PIPE,
+    r = subprocess.run([sys.executable] + TRAIN + ["--fold", str(fold), "--data", data, "--run", run, "--profile",
+                                                   "fast", "--fc-channels", "256", "--quiet"] + list(extra),
+                       stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:]
 

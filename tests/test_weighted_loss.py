@@ -1,6 +1,5 @@
 """WeightedMultiClassLoss (layers/weighted_loss.py) in real Caffe: gradient, Caffe's own losses, edge cases."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ import paper
 from prototxt import net as tsnet
 import weighted_loss
 import dice_layer
+from tools import caffe_net
 
-caffe.set_mode_cpu()
+caffe_net.use_device()
 
 
 def _loss_net(tmp_path, shape, weights, normalize=True, extra=("infogain", "softmax")):

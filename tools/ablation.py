@@ -17,7 +17,7 @@ On a Slurm cluster (make ablation SCHEDULER=slurm, tools/slurm.py) each variant 
 lists them, --prepare-only makes the data (one job before the array), --task I trains variant I exactly as
 above, --summary-only writes the table and figure.
 
-CLI: python3 tools/ablation.py --raw RAW --out OUT [--profile fast] [--fold 0] [--seed 0] [--gpu ID]
+CLI: python3 -m tools.ablation --raw RAW --out OUT [--profile fast] [--fold 0] [--seed 0] [--gpu ID]
      [--only VARIANT ...] [--train-args "..."] [--plan | --prepare-only | --task I | --summary-only]
 """
 import argparse
@@ -59,10 +59,7 @@ def make_data(raw, data, data_args, folds, seed, jobs):
 
 
 def train(data, run, fold, profile, seed, extra, gpu=None):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--fold", str(fold), "--data", data,
-           "--run", run, "--profile", profile, "--seed", str(seed)] + list(extra)
-    if gpu is not None:
-        cmd += ["--gpu", str(gpu)]
+    cmd = train_tool.command(fold, data, run, profile, seed=seed, gpu=gpu, extra=extra)
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True)

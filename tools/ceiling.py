@@ -57,13 +57,13 @@ def patient_ceiling(truth, offset):
 
 
 def fold_ceilings(patients, offset):
-    """{pseudonym: ceiling 3D Dice} of tools/evaluate.load_patients' validation patients."""
+    """{pseudonym: ceiling 3D Dice} of tools/validation.load_patients' validation patients."""
     return {pid: patient_ceiling(label, offset) for pid, _, label, _ in patients}
 
 
 def main(argv=None):
     from prototxt import net as netdef
-    from tools import evaluate
+    from tools import validation
     ap = argparse.ArgumentParser(description="Each validation patient's resolution ceiling: the 3D Dice of the "
                                  "best 15x15 score map through the frozen bilinear upsampling and the crop.")
     ap.add_argument("--data", required=True, help="DATA folder (make data)")
@@ -71,7 +71,7 @@ def main(argv=None):
     ap.add_argument("--crop", choices=paper.CROP_MODES, default=paper.DEFAULT_CROP_MODE,
                     help="crop mode of the net (default %s)" % paper.DEFAULT_CROP_MODE)
     a = ap.parse_args(argv)
-    ceilings = fold_ceilings(evaluate.load_patients(a.data, a.fold), netdef.crop_offset(a.crop))
+    ceilings = fold_ceilings(validation.load_patients(a.data, a.fold), netdef.crop_offset(a.crop))
     for pid in sorted(ceilings):
         print("%-8s %.3f" % (pid, ceilings[pid]))
     print("mean ceiling 3D Dice %.3f over %d patients (crop %s)" % (score.mean_sd(ceilings.values())[0],

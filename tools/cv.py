@@ -17,7 +17,7 @@ over seeds and over folds) and RUNS/cv_seeds_dice.png.
 On a Slurm cluster (make cv SCHEDULER=slurm, tools/slurm.py) every fold x seed is one array task: --plan lists
 the tasks, --task I runs one exactly as above, --summary-only writes the tables and figures.
 
-CLI: python3 tools/cv.py --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--weights W] [--runs runs/cv]
+CLI: python3 -m tools.cv --data DATA [--folds 5] [--profile P] [--gpus 0,1] [--weights W] [--runs runs/cv]
      [--seeds 0,1,2] [--train-args "--crop aligned ..."] [--plan | --task I | --summary-only]
 """
 import argparse
@@ -29,21 +29,16 @@ import time
 
 import atomic
 import paper
-from tools import score
+from tools import caffe_net, score
 from solver import profiles
 from tools import train as train_tool
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fold_commands(k, data, run, profile, weights=None, gpu=None, extra=()):
     """The train and evaluate command lines of fold k."""
-    dev = ["--gpu", str(gpu)] if gpu is not None else []
-    train = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--fold", str(k), "--data", data,
-             "--run", run, "--profile", profile] + (["--weights", weights] if weights else []) + dev + list(extra)
-    evaluate = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--fold", str(k), "--data", data,
-                "--run", run] + dev
-    return train, evaluate
+    train = train_tool.command(k, data, run, profile, weights=weights, gpu=gpu, extra=extra)
+    evaluate = [sys.executable, "-m", "tools.evaluate", "--fold", str(k), "--data", data, "--run", run]
+    return train, evaluate + (["--gpu", str(gpu)] if gpu is not None else [])
 
 
 def fold_done(run):
@@ -146,8 +141,7 @@ def figure(table, png):
 def tumor_volumes_ml(table, data_dir):
     """{patient: tumor volume in ml} from the table's truth pixels (in the 100x100 crops) and the manifest's
     geometry (a crop pixel is box_side / 100 source pixels on a side; slice spacing dz)."""
-    with open(os.path.join(data_dir, "manifest.json")) as f:
-        geometry = {p["id"]: p for p in json.load(f)["patients"]}
+    geometry = {p["id"]: p for p in caffe_net.read_manifest(data_dir)["patients"]}
     volumes = {}
     for r in table["folds"]:
         for pid, truth in r.get("truth_pixels", {}).items():
@@ -306,8 +300,7 @@ def main(argv=None):
     mode.add_argument("--task", type=int, metavar="I", help="run only task I of --plan (one Slurm array task)")
     mode.add_argument("--summary-only", action="store_true", help="only the tables and figures, from the runs")
     a = ap.parse_args(argv)
-    with open(os.path.join(a.data, "manifest.json")) as f:
-        n = len(json.load(f)["folds"])
+    n = len(caffe_net.read_manifest(a.data)["folds"])
     if n != a.folds:
         raise SystemExit("error: %s has %d folds, not %d; remake the data with --folds %d"
                          % (a.data, n, a.folds, a.folds))

@@ -25,10 +25,10 @@ stage "data: crops, 8x augmentation, 5 folds -> $out/data"
 python3 -m data_prep.make_data --raw "$out/raw" --data "$out/data" --folds 5 --seed "$seed" --jobs "$jobs"
 
 stage "train fold $fold, profile $profile -> $run"
-python3 tools/train.py --fold "$fold" --data "$out/data" --run "$run" --profile "$profile" --restart
+python3 -m tools.train --fold "$fold" --data "$out/data" --run "$run" --profile "$profile" --restart
 
 stage "evaluate fold $fold: caffe test, per-patient 3D Dice, figures"
-python3 tools/evaluate.py --fold "$fold" --data "$out/data" --run "$run"
+python3 -m tools.evaluate --fold "$fold" --data "$out/data" --run "$run"
 
 stage "done in $(( $(date +%s) - t0 )) s (profile $profile)"
 echo "per-patient table: $run/per_patient.csv; metrics: $run/metrics.json"

@@ -12,16 +12,14 @@
 Inputs are network arrays: image 3 x H x W (mean-subtracted, data_prep.intensity.net_to_display
 turns it back to grey), probabilities and masks H x W.
 """
-import os
+import matplotlib.pyplot as plt
+import numpy as np
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import atomic
+import paper
+from tools import score, train_log
 
-import atomic  # noqa: E402
-import paper  # noqa: E402
-from tools import score, train_log  # noqa: E402
+plt.switch_backend("Agg")   # files only, whatever MPLBACKEND says (tools/__init__.py defaults it to Agg)
 
 DPI = 110
 

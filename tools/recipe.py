@@ -9,7 +9,7 @@ folder under OUT (also runs made by hand with train.py) and writes
   OUT/recipe_curves.png  mean validation 3D Dice against iterations, one curve per run (dashed: under the other
                          decision rule), the ceiling dotted
 
-CLI: python3 tools/recipe.py --data DATA --out OUT [--fold 0] [--seed 0] [--only NAME ...] [--summarize-only]
+CLI: python3 -m tools.recipe --data DATA --out OUT [--fold 0] [--seed 0] [--only NAME ...] [--summarize-only]
 """
 import argparse
 import json
@@ -20,7 +20,7 @@ import numpy as np
 
 import atomic
 from solver import profiles
-from tools import ablation, train_log
+from tools import ablation, caffe_net, train_log
 
 # name -> (what it changes against the fast profile, train.py options); each alone, on the same fold and seed
 EXPERIMENTS = (
@@ -40,8 +40,7 @@ def read_run(run):
     log = os.path.join(run, "train_log.csv")
     if not os.path.exists(log):
         return None
-    with open(os.path.join(run, "run.json")) as f:
-        info = json.load(f)
+    info = caffe_net.run_info(run)
     metrics = {}
     if os.path.exists(os.path.join(run, "metrics.json")):
         with open(os.path.join(run, "metrics.json")) as f:

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 import atomic
-from data_prep import dicom_series, readers
+from data_prep import dicom_files, readers
 
 SEG_ALGORITHM = "TS-FCN"
 SEG_SEGMENT_LABEL = "Tumor"
@@ -58,41 +58,9 @@ def reference_grid(scan_path) -> Optional[Tuple[np.ndarray, Tuple[int, int, int]
     if low.endswith((".nrrd", ".nhdr")):
         import nrrd
         h = nrrd.read_header(path)
-        dirs = np.asarray(h["space directions"], dtype=np.float64)[:3, :3]
-        aff = np.eye(4)
-        aff[:3, :3] = dirs.T
-        aff[:3, 3] = np.asarray(h.get("space origin", np.zeros(3)), dtype=np.float64)[:3]
-        space = str(h.get("space", "left-posterior-superior")).lower()
-        if space in ("left-posterior-superior", "lps", "scanner-xyz"):
-            aff = LPS_TO_RAS @ aff
-        return aff, tuple(int(v) for v in h["sizes"][:3]), (1, 1)
+        aff, spatial = readers.nrrd_geometry(h, "scan", os.path.basename(path))    # read before: no BadInput here
+        return LPS_TO_RAS @ aff, tuple(int(h["sizes"][a]) for a in spatial), (1, 1)
     return None
-
-
-def onto_grid(arr_xyz, affine, ref_affine, ref_shape, tol=1e-3):
-    """Reorder an (x, y, z) array with `affine` onto the voxel grid (ref_affine, ref_shape) when the two
-    grids are the same lattice up to an axis permutation/flip; None when they are not."""
-    m = np.linalg.inv(ref_affine) @ affine
-    r = m[:3, :3]
-    ri = np.round(r)
-    if not np.allclose(r, ri, atol=tol) or not np.allclose(np.abs(ri).sum(0), 1) \
-            or not np.allclose(np.abs(ri).sum(1), 1):
-        return None
-    perm = [int(np.flatnonzero(ri[a])[0]) for a in range(3)]     # output axis a <- input axis perm[a]
-    out = np.transpose(arr_xyz, perm)
-    for a in range(3):
-        if ri[a, perm[a]] < 0:
-            out = np.flip(out, axis=a)
-    if tuple(out.shape) != tuple(ref_shape):
-        return None
-    # The input voxel that becomes the output's first voxel must sit where the reference's first is.
-    src_index = np.array([0.0, 0.0, 0.0, 1.0])
-    for a in range(3):
-        if ri[a, perm[a]] < 0:
-            src_index[perm[a]] = arr_xyz.shape[perm[a]] - 1.0
-    if not np.allclose(np.linalg.inv(ref_affine) @ (affine @ src_index), [0, 0, 0, 1], atol=tol):
-        return None
-    return out
 
 
 def nifti_image(vol_zyx, scan, dtype, reference=None):
@@ -105,7 +73,7 @@ def nifti_image(vol_zyx, scan, dtype, reference=None):
     codes = (1, 1)
     if reference is not None:
         ref_affine, ref_shape, codes = reference
-        moved = onto_grid(arr, affine, ref_affine, ref_shape)
+        moved = readers.on_grid(arr, affine, ref_affine, ref_shape)
         if moved is None:
             print("segment: warning: the scan's grid differs from the input file's; writing the scan's "
                   "grid", file=sys.stderr)
@@ -141,7 +109,7 @@ def seg_sources(headers):
     for ds in headers:
         ds = copy.copy(ds)
         if not str(ds.get("SOPClassUID", "") or "").strip():
-            ds.SOPClassUID = dicom_series.sop_class(ds) or dicom_series.CT_IMAGE
+            ds.SOPClassUID = dicom_files.sop_class(ds) or dicom_files.CT_IMAGE
         for key, value in _TYPE2_DEFAULTS.items():
             if key not in ds:
                 setattr(ds, key, value)
@@ -203,7 +171,7 @@ def view_window(box, shape_yx, margin=0.0):
     return r0, r1, c0, c1
 
 
-def write_overlays(folder, hu_zyx, mask_zyx, z_range, box, prob_zyx=None):
+def write_overlays(folder, hu_zyx, mask_zyx, z_range, box):
     """One PNG per segmented slice: the CT (lung window) around the box, the mask's contour in red.
     Returns the file names (relative to `folder`)."""
     import matplotlib

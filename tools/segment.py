@@ -3,9 +3,9 @@
 
 Owns the segmentation pipeline of a new scan: the user's box (or a rough ROI) -> the training box rule
 -> the same crop and intensity mapping as `make data` (data_prep.crop.crop_slice,
-data_prep.intensity.hu_to_net) -> the deploy net, batched -> the tumor probability put back on the
-original grid (data_prep.crop.uncrop) -> threshold. The writers of the outputs live in
-tools/seg_output.py.
+data_prep.intensity.hu_to_net) -> the deploy net (tools/caffe_net.py: the caffemodel read once, all the
+slices in batches) -> the tumor probability put back on the original grid (data_prep.crop.uncrop)
+-> threshold. The writers of the outputs live in tools/seg_output.py.
 
 Coordinates
 -----------
@@ -29,23 +29,18 @@ summary.json. No patient-identifying text goes into logs or summary.json: a refu
 the readers' redaction (no DICOM names or IDs) and the scan's and ROI's paths written SCAN and ROI_FILE.
 """
 import argparse
-import contextlib
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-if __name__ == "__main__" and __package__ in (None, ""):  # `python3 tools/segment.py`: repo root on path
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import atomic  # noqa: E402
-import paper  # noqa: E402
-from data_prep import crop, intensity  # noqa: E402
-from tools import score  # noqa: E402
+import atomic
+import paper
+from data_prep import crop, intensity
+from tools import caffe_net, score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PROTOTXT = os.path.join(REPO, "prototxt", "deploy.prototxt")
@@ -103,7 +98,7 @@ def check_box(box_xy: Sequence[int], shape_yx: Sequence[int]) -> None:
 
 def check_ct(scan) -> None:
     """DICOM scans must be CT. The reader keeps only CT images (by SOP class, file meta, or Modality
-    with pixel data: data_prep.dicom_series); a CT-class series whose Modality names another modality
+    with pixel data: data_prep.dicom_files); a CT-class series whose Modality names another modality
     (PT, MR) is refused here. An empty or missing Modality is no objection (de-identification tools
     blank it). NIfTI/NRRD carry no modality and are taken as CT in HU."""
     headers = getattr(scan, "headers", None) or []
@@ -160,33 +155,28 @@ def threshold_mask(prob, threshold=0.5) -> np.ndarray:
 
 
 def model_settings(model):
-    """What the model was trained with, from the run folder it lies in: {"threshold", "hu_window", "resize",
-    "from"}; the report's defaults (argmax, paper.HU_WINDOW, bilinear) where there is no run.json."""
-    import json
+    """What the model was trained with, from the run folder it lies in (tools/caffe_net.model_run): {"threshold",
+    "hu_window", "resize", "from"}; the report's defaults (argmax, paper.HU_WINDOW, bilinear) where there is no
+    run.json."""
     out = {"threshold": score.tumor_threshold(), "hu_window": list(paper.HU_WINDOW),
            "resize": paper.DEFAULT_RESIZE, "from": "defaults (no run.json beside the model)"}
-    folder = os.path.dirname(os.path.abspath(model))
-    for run in (folder, os.path.dirname(folder)):          # RUN/final.caffemodel or RUN/snapshots/*.caffemodel
-        path = os.path.join(run, "run.json")
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path) as f:
-                info = json.load(f)
-            out["threshold"] = score.tumor_threshold(info.get("decision", score.DEFAULT_DECISION),
-                                                     info.get("class_weights", paper.CLASS_WEIGHTS))
-            out["from"] = "run.json (decision %s)" % info.get("decision", score.DEFAULT_DECISION)
-            manifest = os.path.join(info.get("data", ""), "manifest.json")
-            if os.path.isfile(manifest):
-                with open(manifest) as f:
-                    params = json.load(f)["params"]
-                out["hu_window"] = list(params.get("hu_window", out["hu_window"]))
-                out["resize"] = params.get("resize", out["resize"])
-                out["from"] += " and its data's manifest"
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SegmentError("the model's run.json or manifest cannot be read (%s); pass --threshold, "
-                               "--hu-window and --resize" % type(e).__name__)
-        break
+    run = caffe_net.model_run(model)
+    if run is None:
+        return out
+    try:
+        info = caffe_net.run_info(run)
+        out["threshold"] = score.tumor_threshold(info.get("decision", score.DEFAULT_DECISION),
+                                                 info.get("class_weights", paper.CLASS_WEIGHTS))
+        out["from"] = "run.json (decision %s)" % info.get("decision", score.DEFAULT_DECISION)
+        manifest = caffe_net.run_manifest(info)
+        if manifest is not None:
+            params = manifest["params"]
+            out["hu_window"] = list(params.get("hu_window", out["hu_window"]))
+            out["resize"] = params.get("resize", out["resize"])
+            out["from"] += " and its data's manifest"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SegmentError("the model's run.json or manifest cannot be read (%s); pass --threshold, "
+                           "--hu-window and --resize" % type(e).__name__)
     return out
 
 
@@ -207,86 +197,23 @@ def segment_volume(hu_zyx, box: crop.Box, z0: int, z1: int, predict: Predict,
     return prob, mask, {"crop": t1 - t0, "net": t2 - t1, "back_map": t3 - t2}
 
 
-@contextlib.contextmanager
-def without_fillers(prototxt):
-    """The deploy prototxt without its random weight/bias fillers, as a temporary file.
-
-    Caffe fills every parameter when it builds a net, before the caffemodel overwrites them; the random
-    fillers of fc6/fc7 (55 M numbers) cost ~1.5 s per start. Without them the parameters start at zero
-    and then hold the caffemodel's values as before (CaffePredictor refuses a model that leaves a
-    layer's weights at zero). The fixed bilinear upsampling filler is kept.
-    """
-    from caffe.proto import caffe_pb2
-    from google.protobuf import text_format
-    net = caffe_pb2.NetParameter()
-    try:
-        with open(str(prototxt)) as f:
-            text_format.Merge(f.read(), net)
-    except text_format.ParseError as e:
-        raise SegmentError("deploy prototxt %s does not parse: %s" % (prototxt, " ".join(str(e).split())))
-    for layer in net.layer:
-        for field in ("convolution_param", "inner_product_param"):
-            if layer.HasField(field):
-                param = getattr(layer, field)
-                for filler in ("weight_filler", "bias_filler"):
-                    if param.HasField(filler) and getattr(param, filler).type != "bilinear":
-                        param.ClearField(filler)
-    fd, path = tempfile.mkstemp(prefix="deploy-", suffix=".prototxt")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text_format.MessageToString(net))
-        yield path
-    finally:
-        os.remove(path)
-
-
 class CaffePredictor:
-    """The deploy net as a `Predict`: forward in batches, tumor channel of the `prob` blob.
-
-    The input blob is reshaped to B images once (B = the batch split evenly over the slices, at most
-    `batch`), and again only for a shorter last batch.
-    """
+    """The deploy net as a `Predict`: tools/caffe_net opens it (the caffemodel read once) and forwards all
+    slices in batches of at most `batch`; the tumor channel of the `prob` blob."""
 
     def __init__(self, prototxt, model, batch=DEFAULT_BATCH, gpu=None):
-        import caffe  # here, so that the pipeline above imports without Caffe's start-up cost
-        if gpu is None:
-            caffe.set_mode_cpu()
-        else:
-            caffe.set_device(int(gpu))
-            caffe.set_mode_gpu()
         self.batch = max(1, int(batch))
-        with without_fillers(prototxt) as lean:
-            self.net = caffe.Net(lean, caffe.TEST, weights=str(model))
+        try:
+            self.net = caffe_net.open_net(prototxt, model, gpu)
+        except caffe_net.NetError as e:
+            raise SegmentError(str(e))
         if "data" not in self.net.blobs or PROB_BLOB not in self.net.blobs:
             raise SegmentError("the net has no 'data' input or no '%s' output: not a TS-FCN deploy net"
                                % PROB_BLOB)
-        empty = [name for name, blobs in self.net.params.items() if not np.any(blobs[0].data)]
-        if empty:
-            raise SegmentError("model %s has no weights for layer(s) %s of the deploy net"
-                               % (os.path.basename(str(model)), ", ".join(empty)))
-
-    def _set_batch(self, n):
-        data = self.net.blobs["data"]
-        if data.data.shape[0] != n:
-            data.reshape(n, *data.data.shape[1:])
-            self.net.reshape()
 
     def __call__(self, x):
-        from tqdm import tqdm
-        x = np.asarray(x, dtype=np.float32)
-        n = len(x)
-        chunks = -(-n // self.batch) if n else 0
-        size = -(-n // chunks) if chunks else 0
-        out = np.empty((n,) + tuple(self.net.blobs[PROB_BLOB].data.shape[2:]), np.float32)
-        with tqdm(total=n, desc="segment", unit="slice", file=sys.stderr, leave=False) as bar:
-            for start in range(0, n, max(1, size)):
-                part = x[start:start + size]
-                self._set_batch(len(part))
-                self.net.blobs["data"].data[...] = part
-                self.net.forward()
-                out[start:start + len(part)] = self.net.blobs[PROB_BLOB].data[:, paper.TUMOR]
-                bar.update(len(part))
-        return out
+        return caffe_net.forward(self.net, x, (PROB_BLOB,), self.batch, channel=paper.TUMOR,
+                                 progress="segment")[PROB_BLOB]
 
 
 # --- the command ------------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def get_plan(tool_argv, exec_prefix=None):
                        universal_newlines=True, cwd=os.getcwd())
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     if r.returncode != 0 or not lines:
-        raise SystemExit("error: %s --plan failed (exit %d)" % (" ".join(tool_argv[:1]), r.returncode))
+        tool = tool_argv[1] if tool_argv[:1] == ["-m"] else " ".join(tool_argv[:1])
+        raise SystemExit("error: %s --plan failed (exit %d)" % (tool, r.returncode))
     return json.loads(lines[-1])
 
 
@@ -397,7 +398,7 @@ def main(argv=None):
     s.add_argument("--slurm-args", default="", help="sbatch options for every job, one string split like a "
                    "shell line, e.g. \"--partition=gpu --gres=gpu:1 --time=12:00:00\"")
     s.add_argument("--wait", action="store_true", help="block until the summary is written; print the tables")
-    s.add_argument("tool", nargs=argparse.REMAINDER, help="-- tools/cv.py ARGS (or tools/ablation.py ARGS)")
+    s.add_argument("tool", nargs=argparse.REMAINDER, help="-- -m tools.cv ARGS (or -m tools.ablation ARGS)")
     n = sub.add_parser("node", help="run one job of a submission (the batch script)")
     n.add_argument("submission")
     n.add_argument("role", choices=ROLES)

@@ -9,7 +9,7 @@ mismatch): each layer must exist in the source prototxt and in the caffemodel, w
 shapes. The caffemodel is scanned without loading it whole (VGG16 is ~530 MB, in the old V1 format).
 The other layers keep their fillers.
 
-CLI:  python3 tools/surgery.py --weights fcn32s-heavy-pascal.caffemodel \
+CLI:  python3 -m tools.surgery --weights fcn32s-heavy-pascal.caffemodel \
           --source-prototxt weights/conv1-3.prototxt --out weights/ts-fcn-init.caffemodel
 """
 import argparse
@@ -17,9 +17,6 @@ import mmap
 import os
 import sys
 import tempfile
-
-if __package__ in (None, ""):  # run as `python3 tools/surgery.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from google.protobuf import text_format
 
@@ -29,6 +26,8 @@ from caffe.proto import caffe_pb2
 
 import atomic
 import paper
+from prototxt import net as netdef
+from tools import caffe_net
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "prototxt", "deploy.prototxt")
@@ -46,12 +45,11 @@ def source_net_spec(layers=paper.PRETRAINED_LAYERS):
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[1, paper.INPUT_CHANNELS, 32, 32]))
     bottom, wanted = n.data, set(layers)
-    for block, (channels, convs) in enumerate(paper.CONV_BLOCKS, start=1):
+    for block, names, channels in netdef.conv_blocks():
         if block > 1:
             bottom = L.Pooling(bottom, pool=caffe.params.Pooling.MAX, kernel_size=2, stride=2)
             setattr(n, "pool%d" % (block - 1), bottom)
-        for i in range(1, convs + 1):
-            name = "conv%d_%d" % (block, i)
+        for name in names:
             if name not in wanted:
                 continue
             conv = L.Convolution(bottom, num_output=channels, kernel_size=3, pad=1)
@@ -192,7 +190,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="the new caffemodel")
     ap.add_argument("--seed", type=int, default=paper.SEED, help="seed of the other layers' fillers")
     args = ap.parse_args(argv)
-    caffe.set_mode_cpu()
+    caffe_net.use_device()
     caffe.set_random_seed(args.seed)
     dst = caffe.Net(args.model, caffe.TEST)
     source = args.source_prototxt

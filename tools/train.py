@@ -15,74 +15,49 @@ Caffe runs with cwd = DATA/fold<k> (the HDF5 lists hold paths relative to it). W
 pretrained profile, conv1_1..conv3_2 are transplanted (tools/surgery.py) from --weights or the
 `make weights` download; without them the net trains from scratch (MSRA fillers) and says so.
 Validation: every `validate_every` iterations (1/10 epoch for "paper") a deploy net sharing the
-solver's weights forwards the un-augmented validation slices (tools/evaluate.py) and scores the
+solver's weights forwards the un-augmented validation slices (tools/validation.py) and scores the
 per-patient 3D Dice. Ctrl-C (SIGINT) or SIGTERM: snapshot, write the log, exit 130. Rerunning the
 same command resumes from the latest RUN/snapshots/*.solverstate (iteration and lr schedule intact).
 
-CLI: python3 tools/train.py --fold K --data DATA --run RUN [--profile paper|fast] [--weights W]
+CLI: python3 -m tools.train --fold K --data DATA --run RUN [--profile paper|fast] [--weights W]
      [--gpu ID] [--crop center|aligned] [--loss-normalize|--loss-sum] [--class-weights BG TUMOR] [--seed S]
 """
 import argparse
 import contextlib
 import glob
 import os
-import re
 import shlex
 import shutil
 import signal
 import sys
 import time
 
-os.environ.setdefault("GLOG_minloglevel", "2")   # keep Caffe's per-layer log off the console
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import atomic  # noqa: E402
-import paper  # noqa: E402
-from solver import make_solver, profiles  # noqa: E402
-from tools import evaluate, score  # noqa: E402
-from tools.train_log import TrainLog  # noqa: E402
+import atomic
+import paper
+from solver import make_solver, profiles
+from tools import caffe_net, score, validation
+from tools.train_log import TrainLog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SNAPSHOT_NAME = "ts_fcn"
 
 
 def log(msg):
     tqdm.write(msg, file=sys.stderr)
 
 
-# --- snapshots ------------------------------------------------------------------------------------
-def snapshot_prefix(run):
-    return os.path.join(os.path.abspath(run), "snapshots", SNAPSHOT_NAME)
-
-
-def snapshot_iteration(path):
-    m = re.search(r"_iter_(\d+)\.(solverstate|caffemodel)$", path)
-    return int(m.group(1)) if m else -1
-
-
-def latest_solverstate(run):
-    """The RUN/snapshots/*.solverstate with the highest iteration (whose caffemodel exists), or None."""
-    states = [p for p in glob.glob(snapshot_prefix(run) + "_iter_*.solverstate")
-              if os.path.exists(p[:-len(".solverstate")] + ".caffemodel")]
-    return max(states, key=snapshot_iteration) if states else None
-
-
-def average_path(run, iteration):
-    """The averaged weights (tools/averaging.py) saved beside the snapshot of `iteration`."""
-    return "%s_iter_%d.average.caffemodel" % (snapshot_prefix(run), iteration)
-
-
+# --- snapshots (the run folder's layout: tools/caffe_net.py) ---------------------------------------
 def take_snapshot(solver, run, average=None):
     """solver.snapshot() unless this iteration's files exist (and the averaged weights beside it); returns the
     caffemodel path of the weights the run stands for (the average when there is one)."""
-    model = "%s_iter_%d.caffemodel" % (snapshot_prefix(run), solver.iter)
+    model = "%s_iter_%d.caffemodel" % (caffe_net.snapshot_prefix(run), solver.iter)
     if not (os.path.exists(model) and os.path.exists(model[:-len(".caffemodel")] + ".solverstate")):
         solver.snapshot()
     if average is None:
         return model
-    path = average_path(run, solver.iter)
+    path = caffe_net.average_path(run, solver.iter)
     if not os.path.exists(path):
         with atomic.atomic_path(path) as tmp:
             average.save(tmp)
@@ -201,7 +176,7 @@ def prepare(a):
     if a.snapshot_every:
         p["snapshot"] = a.snapshot_every
     max_iter, stepsize, snap, validate_every = make_solver.schedule(epoch, p)
-    s = make_solver.solver_parameter(os.path.join(run, "train.prototxt"), epoch, snapshot_prefix(run),
+    s = make_solver.solver_parameter(os.path.join(run, "train.prototxt"), epoch, caffe_net.snapshot_prefix(run),
                                      p, gpu=a.gpu is not None, seed=a.seed, max_iter=max_iter,
                                      display=a.display)
     make_solver.write(os.path.join(run, "solver.prototxt"), s,
@@ -212,125 +187,183 @@ def prepare(a):
             "validate_every": int(validate_every), "base_lr": s.base_lr, "seed": a.seed,
             "lr_policy": s.lr_policy, "iter_size": int(p["iter_size"]), "decision": p["decision"],
             "class_weights": p["class_weights"], "average": p["average"],
-            "command": " ".join(shlex.quote(x) for x in ["tools/train.py"] + list(getattr(a, "argv", None) or []))}
-    old = evaluate.run_info(run)
-    if old and old.get("net") != net_kw and latest_solverstate(run) and not a.restart:
+            "command": " ".join(shlex.quote(x) for x in ["python3", "-m", "tools.train"] + list(getattr(a, "argv", None) or []))}
+    old = caffe_net.run_info(run)
+    if old and old.get("net") != net_kw and caffe_net.latest_solverstate(run) and not a.restart:
         raise SystemExit("error: %s holds a run with net options %s, not %s; use another --run"
                          % (run, old.get("net"), net_kw))
     atomic.write_json(os.path.join(run, "run.json"), info)
     return info, s
 
 
-def train(a):
-    import caffe
-    info, sp = prepare(a)
-    run = os.path.abspath(a.run)
-    fold_dir = os.path.join(info["data"], "fold%d" % a.fold)
-    mode = evaluate.set_mode(a.gpu)
-    caffe.set_random_seed(a.seed)
-    patients = evaluate.load_patients(info["data"], a.fold)
-    ids = [p[0] for p in patients]
-    n_val = sum(len(p[1]) for p in patients)
+@contextlib.contextmanager
+def in_folder(path):
+    """cwd = path while Caffe reads training data (the HDF5 lists are relative to DATA/fold<k>)."""
     cwd = os.getcwd()
-    os.chdir(fold_dir)          # HDF5 lists are relative to DATA/fold<k>
+    os.chdir(path)
     try:
-        solver = caffe.get_solver(os.path.join(run, "solver.prototxt"))
+        yield
     finally:
         os.chdir(cwd)
-    if a.restart:               # start over: the old run's snapshots, log and results go
-        for path in glob.glob(snapshot_prefix(run) + "_iter_*") + [
-                os.path.join(run, f) for f in ("train_log.csv", "final.caffemodel", "metrics.json")]:
-            if os.path.exists(path):
-                os.remove(path)
-    state = None if a.restart else latest_solverstate(run)
-    if state:
-        os.chdir(fold_dir)
-        try:
+
+
+def clear_run(run):
+    """--restart: the old run's snapshots, log and results go."""
+    for path in glob.glob(caffe_net.snapshot_prefix(run) + "_iter_*") + [
+            os.path.join(run, f) for f in ("train_log.csv", "final.caffemodel", "metrics.json")]:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def start(solver, a, info, run, fold_dir):
+    """Resume from the latest solverstate, or initialise the weights (surgery or LSUV); the weight average
+    when the run keeps one. Returns (resumed state or None, a note on the weights, the average or None)."""
+    state = None if a.restart else caffe_net.latest_solverstate(run)
+    with in_folder(fold_dir):   # LSUV runs the train net, whose data layer opens files as it goes
+        if state:
             solver.restore(state)
-        finally:
-            os.chdir(cwd)
-        init = "resumed from %s" % os.path.relpath(state, run)
-    else:
-        os.chdir(fold_dir)      # LSUV runs the train net, whose data layer opens files as it goes
-        try:
+            init = "resumed from %s" % os.path.relpath(state, run)
+        else:
             init = init_weights(solver, a.profile, a.weights, run)
-        finally:
-            os.chdir(cwd)
-    start = solver.iter
     average = None
     if info.get("average"):
         from tools import averaging
         average = averaging.WeightAverage(solver.net, info["average"], updates=solver.iter)
-        if state and os.path.exists(average_path(run, solver.iter)):
-            average.load(average_path(run, solver.iter))
+        if state and os.path.exists(caffe_net.average_path(run, solver.iter)):
+            average.load(caffe_net.average_path(run, solver.iter))
         init += "; weights averaged (EMA %g)" % info["average"]
-    t_start = time.time()
-    tlog = TrainLog(os.path.join(run, "train_log.csv"), ids, resume_iter=start if state else None)
-    threshold = score.tumor_threshold(info["decision"], info["class_weights"])
-    other = [d for d in score.DECISIONS if d != info["decision"]][0]
-    alt_threshold = score.tumor_threshold(other, info["class_weights"])
-    val_net = evaluate.deploy_net(os.path.join(run, "deploy.prototxt"), batch=a.val_batch)
-    val_net.share_with(solver.net)
-    ceilings = {}
-    evaluate.add_ceilings({pid: {} for pid in ids}, ceilings, patients, a.crop)
+    return state, init, average
+
+
+class Validation:
+    """The periodic validation of a run: a deploy net sharing the solver's weights (the averaged ones when the
+    run keeps an average) scores the validation patients (tools/validation.py) under the run's decision rule
+    and the other rule; each call adds a row to the training log and redraws Fig. 5."""
+
+    def __init__(self, a, info, run, solver, average, patients, tlog, t_start):
+        self.a, self.info, self.run, self.solver, self.average = a, info, run, solver, average
+        self.patients, self.tlog, self.t_start = patients, tlog, t_start
+        self.threshold = score.tumor_threshold(info["decision"], info["class_weights"])
+        self.other = [d for d in score.DECISIONS if d != info["decision"]][0]
+        self.alt_threshold = score.tumor_threshold(self.other, info["class_weights"])
+        self.net = caffe_net.open_net(os.path.join(run, "deploy.prototxt"), gpu=a.gpu)
+        caffe_net.set_batch(self.net, a.val_batch)
+        self.net.share_with(solver.net)
+        self.ceilings = {pid: {} for pid, *_ in patients}     # each patient's resolution ceiling, once
+        self.ceiling = validation.add_ceilings(self.ceilings, {}, patients, a.crop)
+
+    def weights(self):
+        return self.average.swapped_in() if self.average else contextlib.nullcontext()
+
+    def final(self):
+        """(per patient, summary) of the weights as they stand, without a log row (a finished run resumed)."""
+        with self.weights():
+            return validation.validate(self.net, self.patients, threshold=self.threshold)
+
+    def __call__(self, sp, loss):
+        with self.weights():
+            per, summary = validation.validate(self.net, self.patients,
+                                               loss=(self.info["class_weights"], self.a.loss_normalize),
+                                               threshold=self.threshold, alt_threshold=self.alt_threshold)
+        it = self.solver.iter
+        self.tlog.add(iteration=it, lr="%.6g" % make_solver.learning_rate(sp, it),
+                      train_loss="" if loss is None else "%.6g" % loss,
+                      val_mean_dice_3d="%.4f" % summary["mean_dice_3d"], val_loss="%.6g" % summary["val_loss"],
+                      val_precision="%.4f" % summary["mean_precision"], val_recall="%.4f" % summary["mean_recall"],
+                      val_pred_ratio="%.4f" % summary["mean_pred_ratio"],
+                      **{"val_mean_dice_3d_" + self.other: "%.4f" % summary["alt_mean_dice_3d"]},
+                      elapsed="%.1f" % (time.time() - self.t_start),
+                      **{pid: "%.4f" % per[pid]["dice_3d"] for pid in per})
+        try:
+            from tools import figures
+            figures.fig5(os.path.join(self.run, "figures", "fig5_val_dice.png"), self.tlog.path, self.info["epoch"],
+                         self.a.profile, self.ceiling)
+        except Exception as e:  # a figure must never stop a training run
+            log("note: Fig. 5 not redrawn: %s" % e)
+        return per, summary
+
+
+def loop(a, solver, sp, info, run, average, validate, tlog, last):
+    """Solver steps up to max_iter, validating every validate_every iterations; a signal or --stop-after
+    ends it early. Snapshots at the end. Returns (model path, interruption or None, losses since the last
+    log row, last validation, seconds)."""
+    start_iter = solver.iter
+    losses = []
+    interrupted = None
+    t0 = time.time()
+    with Stop() as stop, tqdm(total=sp.max_iter, initial=solver.iter, unit="it", dynamic_ncols=True,
+                              desc="fold %d" % a.fold, disable=a.quiet) as bar:
+        while solver.iter < sp.max_iter:
+            if stop.signal is not None or (a.stop_after and solver.iter - start_iter >= a.stop_after):
+                interrupted = stop.signal or "stop-after"
+                break
+            solver.step(1)
+            losses.append(float(solver.net.blobs["loss"].data))
+            if average:
+                average.update()
+                if solver.iter % sp.snapshot == 0:     # beside the solver's own periodic snapshot
+                    take_snapshot(solver, run, average)
+            bar.update(1)
+            bar.set_postfix(loss="%.4g" % np.mean(losses[-20:]),
+                            dice="%.3f" % last[1]["mean_dice_3d"] if last else "-")
+            if solver.iter % info["validate_every"] == 0 or solver.iter == sp.max_iter:
+                last = validate(sp, float(np.mean(losses)) if losses else None)
+                losses = []
+                bar.set_postfix(loss=tlog.rows[-1]["train_loss"], dice="%.3f" % last[1]["mean_dice_3d"])
+        model = take_snapshot(solver, run, average)
+    return model, interrupted, losses, last, time.time() - t0
+
+
+def finish(a, solver, run, model, validate, last, start_iter, elapsed, init, mode):
+    """final.caffemodel (atomically), the last validation's scores with each patient's ceiling ->
+    RUN/metrics.json (merged)."""
+    with atomic.atomic_path(os.path.join(run, "final.caffemodel")) as tmp:
+        shutil.copyfile(model, tmp)
+    per, summary = last if last is not None else validate.final()      # None: resumed a finished run
+    for pid in per:
+        per[pid]["ceiling_dice_3d"] = validate.ceilings[pid]["ceiling_dice_3d"]
+    summary["ceiling_dice_3d"] = validate.ceiling
+    metrics = dict(summary)
+    metrics.update({"per_patient": {pid: {k: v for k, v in s.items() if k != "dice_2d"} for pid, s in per.items()},
+                    "profile": a.profile, "iterations": int(solver.iter), "fold": a.fold,
+                    "train_seconds": round(elapsed, 1), "seconds_per_iteration":
+                    round(elapsed / max(1, solver.iter - start_iter), 3), "weights": init, "mode": mode,
+                    "snapshot": os.path.relpath(model, run)})
+    caffe_net.merge_json(os.path.join(run, "metrics.json"), metrics)
+    log("done: %d iterations in %.0f s; validation mean 3D Dice %.3f ± %.3f (ceiling %.3f, predicted/true %.2f); %s"
+        % (solver.iter, elapsed, summary["mean_dice_3d"], summary["sd_dice_3d"], summary["ceiling_dice_3d"],
+           summary["mean_pred_ratio"], os.path.join(run, "final.caffemodel")))
+
+
+def train(a):
+    """The whole of `make train`: prepare the run folder, start or resume, train, finish; the exit status."""
+    import caffe
+    info, sp = prepare(a)
+    run = os.path.abspath(a.run)
+    fold_dir = os.path.join(info["data"], "fold%d" % a.fold)
+    mode = caffe_net.use_device(a.gpu)
+    caffe.set_random_seed(a.seed)
+    patients = validation.load_patients(info["data"], a.fold)
+    ids = [p[0] for p in patients]
+    with in_folder(fold_dir):
+        solver = caffe.get_solver(os.path.join(run, "solver.prototxt"))
+    if a.restart:
+        clear_run(run)
+    state, init, average = start(solver, a, info, run, fold_dir)
+    start_iter = solver.iter
+    tlog = TrainLog(os.path.join(run, "train_log.csv"), ids, resume_iter=start_iter if state else None)
+    validate = Validation(a, info, run, solver, average, patients, tlog, time.time())
     schedule = ("x %.2f every %d it" % (sp.gamma, sp.stepsize) if sp.lr_policy == "step"
                 else "poly power %g" % sp.power)
     log("train fold %d [%s, %s]: %s; epoch %d it, max_iter %d, lr %.3g %s, %s, validation every %d it on %d "
         "patients / %d slices (mean resolution ceiling %.3f); run %s"
         % (a.fold, a.profile, mode, init, info["epoch"], sp.max_iter, sp.base_lr, schedule, info["decision"],
-           info["validate_every"], len(ids), n_val, ceilings["ceiling_dice_3d"], run))
-
-    def validate(loss):
-        with average.swapped_in() if average else contextlib.nullcontext():
-            per, summary = evaluate.validate(val_net, patients, loss=(info["class_weights"], a.loss_normalize),
-                                             threshold=threshold, alt_threshold=alt_threshold)
-        tlog.add(iteration=solver.iter, lr="%.6g" % make_solver.learning_rate(sp, solver.iter),
-                 train_loss="" if loss is None else "%.6g" % loss,
-                 val_mean_dice_3d="%.4f" % summary["mean_dice_3d"], val_loss="%.6g" % summary["val_loss"],
-                 val_precision="%.4f" % summary["mean_precision"], val_recall="%.4f" % summary["mean_recall"],
-                 val_pred_ratio="%.4f" % summary["mean_pred_ratio"],
-                 **{"val_mean_dice_3d_" + other: "%.4f" % summary["alt_mean_dice_3d"]},
-                 elapsed="%.1f" % (time.time() - t_start),
-                 **{pid: "%.4f" % per[pid]["dice_3d"] for pid in per})
-        try:
-            from tools import figures
-            figures.fig5(os.path.join(run, "figures", "fig5_val_dice.png"), tlog.path, info["epoch"], a.profile,
-                         ceilings["ceiling_dice_3d"])
-        except Exception as e:  # a figure must never stop a training run
-            log("note: Fig. 5 not redrawn: %s" % e)
-        return per, summary
-
+           info["validate_every"], len(ids), sum(len(p[1]) for p in patients), validate.ceiling, run))
     last = None
     if not tlog.rows or int(float(tlog.rows[-1]["iteration"])) != solver.iter:
-        last = validate(None)
-    losses = []
-    t0 = time.time()
-    interrupted = None
-    os.chdir(fold_dir)
-    try:
-        with Stop() as stop, tqdm(total=sp.max_iter, initial=solver.iter, unit="it", dynamic_ncols=True,
-                                  desc="fold %d" % a.fold, disable=a.quiet) as bar:
-            while solver.iter < sp.max_iter:
-                if stop.signal is not None or (a.stop_after and solver.iter - start >= a.stop_after):
-                    interrupted = stop.signal or "stop-after"
-                    break
-                solver.step(1)
-                losses.append(float(solver.net.blobs["loss"].data))
-                if average:
-                    average.update()
-                    if solver.iter % sp.snapshot == 0:     # beside the solver's own periodic snapshot
-                        take_snapshot(solver, run, average)
-                bar.update(1)
-                bar.set_postfix(loss="%.4g" % np.mean(losses[-20:]),
-                                dice="%.3f" % last[1]["mean_dice_3d"] if last else "-")
-                if solver.iter % info["validate_every"] == 0 or solver.iter == sp.max_iter:
-                    last = validate(float(np.mean(losses)) if losses else None)
-                    losses = []
-                    bar.set_postfix(loss=tlog.rows[-1]["train_loss"], dice="%.3f" % last[1]["mean_dice_3d"])
-            model = take_snapshot(solver, run, average)
-    finally:
-        os.chdir(cwd)
-    elapsed = time.time() - t0
+        last = validate(sp, None)
+    with in_folder(fold_dir):
+        model, interrupted, losses, last, elapsed = loop(a, solver, sp, info, run, average, validate, tlog, last)
     if interrupted is not None:
         if losses:
             tlog.add(iteration=solver.iter, lr="%.6g" % make_solver.learning_rate(sp, solver.iter),
@@ -339,24 +372,17 @@ def train(a):
             % (solver.iter, "signal %d" % interrupted if isinstance(interrupted, int) else interrupted,
                os.path.relpath(model, run)))
         return 130
-    with atomic.atomic_path(os.path.join(run, "final.caffemodel")) as tmp:
-        shutil.copyfile(model, tmp)
-    if last is None:                               # resumed a finished run
-        with average.swapped_in() if average else contextlib.nullcontext():
-            last = evaluate.validate(val_net, patients, threshold=threshold)
-    per, summary = last
-    evaluate.add_ceilings(per, summary, patients, a.crop)
-    metrics = dict(summary)
-    metrics.update({"per_patient": {pid: {k: v for k, v in s.items() if k != "dice_2d"} for pid, s in per.items()},
-                    "profile": a.profile, "iterations": int(solver.iter), "fold": a.fold,
-                    "train_seconds": round(elapsed, 1), "seconds_per_iteration":
-                    round(elapsed / max(1, solver.iter - start), 3), "weights": init, "mode": mode,
-                    "snapshot": os.path.relpath(model, run)})
-    evaluate.merge_json(os.path.join(run, "metrics.json"), metrics)
-    log("done: %d iterations in %.0f s; validation mean 3D Dice %.3f ± %.3f (ceiling %.3f, predicted/true %.2f); %s"
-        % (solver.iter, elapsed, summary["mean_dice_3d"], summary["sd_dice_3d"], summary["ceiling_dice_3d"],
-           summary["mean_pred_ratio"], os.path.join(run, "final.caffemodel")))
+    finish(a, solver, run, model, validate, last, start_iter, elapsed, init, mode)
     return 0
+
+
+def command(fold, data, run, profile, seed=None, weights=None, gpu=None, extra=()):
+    """The command line that trains one fold in RUN: the one builder tools/cv.py, tools/ablation.py and
+    tools/recipe.py run (`extra`, more train.py options, comes last and wins)."""
+    return ([sys.executable, "-m", "tools.train", "--fold", str(fold), "--data", data, "--run", run,
+             "--profile", profile] + (["--seed", str(seed)] if seed is not None else [])
+            + (["--weights", weights] if weights else []) + (["--gpu", str(gpu)] if gpu is not None else [])
+            + list(extra))
 
 
 def add_passthrough_args(ap, each, example):

@@ -25,9 +25,6 @@ import sys
 import urllib.error
 import urllib.request
 
-if __package__ in (None, ""):  # run as `python3 tools/weights.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from tqdm import tqdm
 
 import atomic

@@ -37,7 +37,7 @@ caffe device_query -gpu "$gpu" >"$out/device_query.txt" 2>&1 || { cat "$out/devi
 grep -E "Name|Major|Minor" "$out/device_query.txt"
 
 step "(a) CPU vs GPU, (b) Python loss vs InfogainLoss on the GPU"
-timeout 600 python3 tools/cuda/gpu_proof.py --gpu "$gpu" --iters "${PROOF_ITERS:-50}" --out "$out" || status=1
+timeout 600 python3 -m tools.cuda.gpu_proof --gpu "$gpu" --iters "${PROOF_ITERS:-50}" --out "$out" || status=1
 
 step "(c) benchmark: tools.bench net stages on GPU $gpu"
 timeout 600 python3 -m tools.bench --gpu "$gpu" --only machine,flops,train,forward --out "$out/bench.json" || status=1
@@ -46,8 +46,7 @@ step "(c) caffe time: TS-FCN train net (batch 1, Python loss), 200 iterations"
 tmp=$(mktemp -d)
 python3 - "$tmp" <<'EOF' && (cd "$tmp" && timeout 300 caffe time -model train.prototxt -gpu "$gpu" -iterations 200) >"$out/caffe-time.txt" 2>&1 || status=1
 import os, sys
-sys.path[:0] = ["tools/cuda", "."]
-import gpu_proof
+from tools.cuda import gpu_proof
 from prototxt import net
 src = gpu_proof.synthetic_h5(sys.argv[1], 8, 100, scale=10.0)
 net.write(os.path.join(sys.argv[1], "train.prototxt"), split="train", train_source=src)
@@ -58,7 +57,7 @@ rm -rf "$tmp"
 if [ -n "${PROOF_DATA:-}" ] && [ -f "$PROOF_DATA/manifest.json" ]; then
     step "(c) fast-profile training of fold 0 on GPU $gpu (DATA $PROOF_DATA)"
     s=$SECONDS
-    timeout 900 python3 tools/train.py --fold 0 --data "$PROOF_DATA" --run "$out/train-fast" \
+    timeout 900 python3 -m tools.train --fold 0 --data "$PROOF_DATA" --run "$out/train-fast" \
         --profile fast --gpu "$gpu" --restart || status=1
     echo "fast-profile training: $((SECONDS - s)) s wall" | tee "$out/train-fast.time"
 else

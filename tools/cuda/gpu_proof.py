@@ -1,4 +1,4 @@
-"""GPU proof of the CUDA Caffe build (issue 7 part 4): the checks tools/cuda/gpu-proof.sh runs on a GPU.
+"""GPU proof of the CUDA Caffe build: the checks tools/cuda/gpu-proof.sh runs on a GPU.
 
 (a) cpu-vs-gpu: a small conv net without dropout, same seed and data, trained on the CPU and on the GPU:
     the loss curves must agree (float32; different BLAS, so to ~1e-4, not bit for bit).
@@ -17,17 +17,15 @@ import time
 import h5py
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, "..", ".."), os.path.join(HERE, "..", "..", "layers")]
+import caffe
+from caffe import layers as L, params as P
+from caffe.proto import caffe_pb2
 
-import caffe  # noqa: E402
-from caffe import layers as L, params as P  # noqa: E402
-from caffe.proto import caffe_pb2  # noqa: E402
-
-import atomic  # noqa: E402
-import paper  # noqa: E402
-from prototxt import net as ts_net  # noqa: E402
-from solver import make_solver  # noqa: E402
+import atomic
+import paper
+from prototxt import net as ts_net
+from solver import make_solver
+from tools import caffe_net
 
 
 def synthetic_h5(folder, n, size, seed=0, scale=1.0):
@@ -68,11 +66,7 @@ def small_net(source):
 
 def train_curve(net_path, iters, gpu, solver_type="SGD", base_lr=0.01, seed=paper.SEED, solver=None):
     """Losses of `iters` solver steps; gpu None means CPU mode."""
-    if gpu is None:
-        caffe.set_mode_cpu()
-    else:
-        caffe.set_device(gpu)
-        caffe.set_mode_gpu()
+    caffe_net.use_device(gpu)
     caffe.set_random_seed(seed)
     if solver is None:
         solver = caffe_pb2.SolverParameter(net=net_path, type=solver_type, base_lr=base_lr, momentum=0.9,
