@@ -6,7 +6,7 @@ The package owns the measurement (no other module times anything for the README)
   common     shared helpers: medians of timed runs, the load average, NotAvailable, paths
   machine    the machine facts: CPU, cores, load, BLAS library and core, threads, versions, git commit
   nets       the real Caffe nets measured: FLOPs counted from their blobs, deterministic weights and inputs,
-             the train net + solver files, `open_net` (the one place that picks the device and opens a net)
+             the train net + solver files, (nets open through tools/caffe_net.py)
   stages     the timed stages: sgemm (the ceiling), train, forward, data, segment
   profile    where the time goes: each layer's forward and backward, the solver's parts (regularisation,
              Adam update, apply), the Python loss, the data layer, and the ceiling of each

@@ -1,33 +1,15 @@
 """The real Caffe nets the bench measures: FLOPs from their blobs, deterministic weights and inputs, the
-train net and its solver, and `open_net`, the one place that picks the device and opens a net."""
+train net and its solver. Choosing the device and opening a net is tools/caffe_net.py's."""
 import os
 
 import numpy as np
 
 import paper
 from tools.bench.common import DEPLOY_PROTOTXT, REPO
+from tools.caffe_net import open_net, use_device
 
 GEMM_LAYERS = ("Convolution", "Deconvolution", "InnerProduct")
 DATA_LAYERS = ("Input", "HDF5Data", "Data", "ImageData", "MemoryData", "DummyData")
-
-
-def use_device(gpu=None):
-    """Caffe on the CPU (gpu None) or on GPU `gpu`."""
-    import caffe
-    if gpu is None:
-        caffe.set_mode_cpu()
-    else:
-        caffe.set_device(int(gpu))
-        caffe.set_mode_gpu()
-
-
-def open_net(prototxt, weights=None, gpu=None):
-    """A caffe.Net in TEST phase on the device asked for (tools/caffe_net.py's signature)."""
-    import caffe
-    use_device(gpu)
-    if weights:
-        return caffe.Net(prototxt, caffe.TEST, weights=weights)
-    return caffe.Net(prototxt, caffe.TEST)
 
 
 def read_netparam(prototxt):

@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 
 import atomic
+from tools import caffe_net
 from tools.bench import nets
 from tools.bench.common import NotAvailable, threads
 
@@ -56,7 +57,7 @@ def export(ctx, folder, kind="torch"):
     from solver import make_solver as solver_io
     prototxt, solver_path = nets.train_net_files(ctx.tmp, "python", ctx.fc_channels)
     netparam = nets.read_netparam(prototxt)
-    net = nets.open_net(prototxt)           # TEST phase: dropout off, for the loss check
+    net = caffe_net.open_net(prototxt)      # TEST phase: dropout off, for the loss check
     nets.fill_weights(net)
     net.forward()
     mults = nets.lr_mults(netparam)
