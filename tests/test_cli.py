@@ -10,7 +10,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ("tools.train", "tools.evaluate", "tools.segment", "tools.cv", "tools.ablation", "tools.recipe",
          "tools.ceiling", "tools.surgery", "tools.weights", "tools.slurm", "tools.bench", "tools.cuda.gpu_proof",
-         "tools.runtime.blas_core", "data_prep.make_data", "data_prep.phantoms", "data_prep.fetch", "prototxt.net",
+         "tools.runtime.blas_core", "tools.runtime.parallel_math", "data_prep.make_data", "data_prep.phantoms", "data_prep.fetch", "prototxt.net",
          "solver.make_solver")
 
 

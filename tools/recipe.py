@@ -23,11 +23,19 @@ from solver import profiles
 from tools import ablation, caffe_net, train_log
 
 # name -> (what it changes against the fast profile, train.py options); each alone, on the same fold and seed
+LONG_RUN = 4 * profiles.settings("fast")["max_iter"]
+# name -> (what it changes against the fast profile, train.py options); each alone, on the same fold and seed
 EXPERIMENTS = (
     ("fast", "the fast profile as it is", []),
     ("seed1", "the fast profile, Caffe seed 1 (run-to-run spread)", ["--seed", "1"]),
+    ("seed2", "the fast profile, Caffe seed 2", ["--seed", "2"]),
+    ("report-weights", "the report's class weights 0.04/0.96, read at p > 0.96 (the prior shift undone)",
+     ["--class-weights", "0.04", "0.96", "--decision", "prior"]),
+    ("report-weights-seed1", "the same, Caffe seed 1",
+     ["--class-weights", "0.04", "0.96", "--decision", "prior", "--seed", "1"]),
+    ("long", "%d iterations (4x the fast profile's), validated every 100" % LONG_RUN,
+     ["--max-iter", str(LONG_RUN), "--validate-every", "100"]),
     ("no-average", "the raw weights instead of their moving average", ["--average", "0"]),
-    ("balanced", "class weights 0.5/0.5 (argmax and prior are then the same rule)", ["--class-weights", "0.5", "0.5"]),
     ("step", "the earlier schedule: lr x0.6 every 60 iterations", ["--lr-policy", "step", "--stepsize", "60",
                                                                   "--gamma", "0.6"]),
     ("report-net", "the report's training net: dropout 0.5, conv1-3 at lr x0.1",
