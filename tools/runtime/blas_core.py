@@ -118,15 +118,19 @@ def choose(verbose=False):
             "threads": os.cpu_count(), "candidates": table}
 
 
-def load_cache():
+def load_json(path, **expected):
+    """A cached record, or None when it is absent, unreadable, or was made for other settings (any field
+    differing from `expected`)."""
     try:
-        with open(CACHE) as f:
+        with open(path) as f:
             rec = json.load(f)
     except (OSError, ValueError):
         return None
-    if rec.get("cpu_key") != cpu_key() or rec.get("forced") != (os.environ.get("TSFCN_BLAS_CORE") or None):
-        return None
-    return rec
+    return rec if all(rec.get(k) == v for k, v in expected.items()) else None
+
+
+def load_cache():
+    return load_json(CACHE, cpu_key=cpu_key(), forced=os.environ.get("TSFCN_BLAS_CORE") or None)
 
 
 def save_json(path, rec):
@@ -153,14 +157,20 @@ def current(refresh=False, verbose=False):
     return rec
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def choice_parser(description):
+    """The command line of a cached runtime choice (this module's and parallel_math's): one of --env,
+    --report, --refresh, --json."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--env", action="store_true", help="print the shell export line")
-    g.add_argument("--report", action="store_true", help="print the cached choice as a table")
-    g.add_argument("--refresh", action="store_true", help="measure all candidates, print a table")
+    g.add_argument("--env", action="store_true", help="print the shell export lines (cached)")
+    g.add_argument("--report", action="store_true", help="print the cached choice (measuring once if needed)")
+    g.add_argument("--refresh", action="store_true", help="measure again and print the choice")
     g.add_argument("--json", action="store_true", help="print the cached choice as JSON")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = choice_parser(__doc__).parse_args(argv)
     if os.environ.get("OPENBLAS_CORETYPE") and args.env:
         print("export OPENBLAS_CORETYPE=%s" % os.environ["OPENBLAS_CORETYPE"])  # the user set it
         return

@@ -22,7 +22,6 @@ library off; ``=1`` keeps it whenever it passes the self-check, faster or not.
     parallel_math.py --refresh   measure again and print the choice (after each install)
     parallel_math.py --json      the cached choice as JSON
 """
-import argparse
 import hashlib
 import json
 import os
@@ -177,14 +176,7 @@ def choose():
 
 
 def load_cache():
-    try:
-        with open(CACHE) as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if rec.get("key") != library_key() or rec.get("mode") != os.environ.get("TSFCN_PARALLEL_MATH", "auto"):
-        return None
-    return rec
+    return blas_core.load_json(CACHE, key=library_key(), mode=os.environ.get("TSFCN_PARALLEL_MATH", "auto"))
 
 
 def current(refresh=False):
@@ -202,13 +194,7 @@ def env_lines(rec):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--env", action="store_true", help="print the shell export lines")
-    g.add_argument("--report", action="store_true", help="print the cached choice")
-    g.add_argument("--refresh", action="store_true", help="measure again, print the choice")
-    g.add_argument("--json", action="store_true", help="print the cached choice as JSON")
-    args = ap.parse_args(argv)
+    args = blas_core.choice_parser(__doc__).parse_args(argv)
     rec = current(refresh=args.refresh)
     if args.env:
         print("\n".join(env_lines(rec)))
