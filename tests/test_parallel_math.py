@@ -21,31 +21,15 @@ pytestmark = pytest.mark.skipif(not os.path.exists(parallel_math.LIBRARY),
 # Python loss, trained with the fast profile's Adam from the same MSRA start on the same images.
 _TRAIN_TS_FCN = r"""
 import json, os, sys, tempfile
-import h5py, numpy as np
-import caffe
 import paper
 from prototxt import net as ts_net
 from solver import make_solver
+from tools.cuda.gpu_proof import synthetic_h5, train_curve
 
 iterations = int(sys.argv[1])
-caffe.set_mode_cpu()
-caffe.set_random_seed(paper.SEED)
-rng = np.random.RandomState(0)
-size = paper.INPUT_SIZE
-yy, xx = np.mgrid[:size, :size]
 with tempfile.TemporaryDirectory() as tmp:
-    data = rng.normal(0, 0.5, (8, 3, size, size)).astype(np.float32)
-    label = np.zeros((8, 1, size, size), np.float32)
-    for i in range(8):
-        cy, cx, r = rng.randint(30, 70), rng.randint(30, 70), rng.randint(8, 20)
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        label[i, 0][disc] = 1
-        data[i][:, disc] += 1.0
-    with h5py.File(os.path.join(tmp, "d.h5"), "w") as f:
-        f["data"], f["label"] = data, label
-    with open(os.path.join(tmp, "list.txt"), "w") as f:
-        f.write(os.path.join(tmp, "d.h5") + "\n")
-    proto = ts_net.ts_fcn("train", train_source=os.path.join(tmp, "list.txt"), fc_channels=64, dropout=0)
+    source = synthetic_h5(tmp, 8, paper.INPUT_SIZE, seed=0)
+    proto = ts_net.ts_fcn("train", train_source=source, fc_channels=64, dropout=0)
     proto.layer[0].hdf5_data_param.shuffle = False
     net_path = os.path.join(tmp, "train.prototxt")
     with open(net_path, "w") as f:
@@ -53,13 +37,7 @@ with tempfile.TemporaryDirectory() as tmp:
     solver = make_solver.solver_parameter(net_path, epoch=8, snapshot_prefix=os.path.join(tmp, "s"),
                                           profile="fast", max_iter=iterations, display=0)
     solver.snapshot_after_train = False
-    with open(net_path + ".solver", "w") as f:
-        f.write(str(solver))
-    s = caffe.get_solver(net_path + ".solver")
-    losses = []
-    for _ in range(iterations):
-        s.step(1)
-        losses.append(float(s.net.blobs["loss"].data))
+    losses, _ = train_curve(net_path, iterations, None, solver=solver)
 with open("/proc/self/maps") as f:
     preloaded = "libcaffe_parallel_math" in f.read()
 print(json.dumps({"losses": losses, "preloaded": preloaded}))
