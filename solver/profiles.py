@@ -12,7 +12,9 @@ leaves out). Keys:
   gradients are summed per update, Caffe's iter_size), batch_size (training net), class_weights
   (background, tumor), dropout (training-time ratio of drop6/drop7; 0 leaves them out of the training net,
   the deploy net keeps the report's layers, which are no-ops at test time), momentum2, pretrained_lr_mult
-  (the lr multiplier of conv1_1..conv3_2: the report's 0.1 for transplanted weights), average (the decay of an
+  (the lr multiplier of conv1_1..conv3_2: the report's 0.1 for transplanted weights), lr_scaling ("uniform",
+  the report's one rate, or "fan_in": each layer's rate times sqrt(fc6's fan-in / its fan-in), prototxt/net.py's
+  lr_mult), average (the decay of an
   exponential moving average of the weights that is validated and kept as the model, tools/averaging.py;
   None: the raw weights, as the report), decision (how a pixel is called tumor, tools/score.py: the report's
   argmax, or prior: tumor probability above w_tumor / (w_tumor + w_background)).
@@ -26,7 +28,7 @@ DEFAULTS = {
     "validations_per_epoch": paper.VALIDATIONS_PER_EPOCH, "validate_every": None, "snapshot": None,
     "iter_size": 1, "batch_size": paper.BATCH_SIZE, "class_weights": paper.CLASS_WEIGHTS,
     "dropout": paper.DROPOUT_RATIO, "momentum2": paper.MOMENTUM2, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT,
-    "average": None, "decision": paper.DECISION_RULE,
+    "lr_scaling": "uniform", "average": None, "decision": paper.DECISION_RULE,
 }
 
 PROFILES = {

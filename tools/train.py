@@ -129,10 +129,11 @@ class Stop:
 
 # Training settings a profile sets and the command line may override (option name = profile key).
 PROFILE_OPTIONS = ("base_lr", "lr_policy", "power", "gamma", "stepsize", "iter_size", "batch_size", "dropout",
-                   "class_weights", "momentum2", "pretrained_lr_mult", "average", "decision")
+                   "class_weights", "momentum2", "pretrained_lr_mult", "lr_scaling", "average", "decision")
 # Net options recorded in run.json only when they differ from the report (old run.json stay valid).
 NET_DEFAULTS = {"class_weights": list(paper.CLASS_WEIGHTS), "dropout": paper.DROPOUT_RATIO,
-                "batch_size": paper.BATCH_SIZE, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT}
+                "batch_size": paper.BATCH_SIZE, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT,
+                "lr_scaling": "uniform"}
 
 
 def recipe(a):
@@ -431,6 +432,9 @@ def parser():
     ap.add_argument("--momentum2", type=float, help="Adam beta2 (default the report's %g)" % paper.MOMENTUM2)
     ap.add_argument("--pretrained-lr-mult", type=float, help="lr multiplier of conv1_1..conv3_2 in training "
                     "(default the profile's; the report's %g suits transplanted weights)" % paper.PRETRAINED_LR_MULT)
+    ap.add_argument("--lr-scaling", choices=("uniform", "fan_in"), help="per-layer learning rates: uniform (the "
+                    "report's) or fan_in (x sqrt(fc6's fan-in / the layer's), prototxt/net.py's lr_mult); "
+                    "default the profile's")
     ap.add_argument("--average", type=float, metavar="DECAY", help="validate and keep an exponential moving "
                     "average of the weights (tools/averaging.py), e.g. 0.98; default the profile's (none)")
     ap.add_argument("--decision", choices=score.DECISIONS,
