@@ -37,10 +37,6 @@ DICE_TOPS = ("dice_intersection", "dice_predicted", "dice_truth")
 INFOGAIN_DEFAULT_SOURCE = "infogain_H.binaryproto"
 
 _FROZEN_PARAM = [dict(lr_mult=0, decay_mult=0)]
-CONV_KERNEL = 3     # the VGG blocks' kernel size
-FIRST_CONV = "conv1_1"
-# fc6's fan-in (pool3's channels x its kernel area): the reference of lr_scaling "fan_in"
-FC6_FAN_IN = paper.CONV_BLOCKS[-1][0] * paper.FC6_KERNEL ** 2
 
 
 def _lr_params(lr_mult):
@@ -48,41 +44,17 @@ def _lr_params(lr_mult):
     return [dict(lr_mult=lr_mult, decay_mult=1), dict(lr_mult=2 * lr_mult, decay_mult=0)]
 
 
-LR_SCALINGS = ("uniform", "fan_in")
-
-
-def lr_mult(name, fan_in, pretrained_lr_mult=paper.PRETRAINED_LR_MULT, lr_scaling="uniform"):
-    """The learning-rate multiplier of a layer's weights in training.
-
-    "uniform": 1, and pretrained_lr_mult for conv1_1..conv3_2 (the report). "fan_in": sqrt(fc6's fan-in /
-    the layer's fan-in) on top of that, for every layer after conv1_1. Adam moves every weight by about the
-    learning rate whatever its gradient, while initial weights scaled to unit-variance outputs (MSRA + LSUV)
-    on unit-variance ReLU inputs are about 1 / sqrt(fan-in) in size: conv1_2 (fan-in 576) starts ~5x larger
-    than fc6 (fan-in 12544), so one rate changes fc6 by ~1 % of its size per step and conv1_2 by ~0.2 %.
-    Scaling by sqrt(fan-in) gives these layers about the same relative step as fc6. conv1_1 keeps 1: its
-    input is the image, not unit-variance activations, and LSUV leaves its weights about as small as fc6's
-    (docs/results/recipe.md).
-    """
-    if lr_scaling not in LR_SCALINGS:
-        raise ValueError("lr_scaling must be one of %s, not %r" % (LR_SCALINGS, lr_scaling))
-    mult = pretrained_lr_mult if name in paper.PRETRAINED_LAYERS else 1
-    if lr_scaling == "fan_in" and name != FIRST_CONV:
-        mult *= float(np.sqrt(FC6_FAN_IN / fan_in))
-    return mult
-
-
-def _conv(bottom, name, nout, ks, pad, weight_filler, fan_in, pretrained_lr_mult=paper.PRETRAINED_LR_MULT,
-          lr_scaling="uniform"):
-    lr = _lr_params(lr_mult(name, fan_in, pretrained_lr_mult, lr_scaling))
+def _conv(bottom, name, nout, ks, pad, weight_filler, pretrained_lr_mult=paper.PRETRAINED_LR_MULT):
+    lr = _lr_params(pretrained_lr_mult if name in paper.PRETRAINED_LAYERS else 1)
     return L.Convolution(bottom, name=name, num_output=nout, kernel_size=ks, stride=1, pad=pad,
                          param=lr, weight_filler=weight_filler,
                          bias_filler=dict(type="constant", value=0))
 
 
-def _conv_relu(n, bottom, name, nout, fan_in, ks=CONV_KERNEL, pad=1, pretrained_lr_mult=paper.PRETRAINED_LR_MULT,
-               lr_scaling="uniform"):
+def _conv_relu(n, bottom, name, nout, ks=3, pad=1, weight_filler=None, pretrained_lr_mult=paper.PRETRAINED_LR_MULT):
     # MSRA fits ReLU nets trained from scratch (SPEC §7 "from scratch (MSRA)").
-    top = _conv(bottom, name, nout, ks, pad, dict(type="msra"), fan_in, pretrained_lr_mult, lr_scaling)
+    filler = weight_filler or dict(type="msra")
+    top = _conv(bottom, name, nout, ks, pad, filler, pretrained_lr_mult)
     setattr(n, name, top)
     relu = L.ReLU(top, in_place=True)
     setattr(n, name.replace("conv", "relu"), relu)
@@ -97,34 +69,28 @@ def conv_blocks():
         yield block, ["conv%d_%d" % (block, i) for i in range(1, convs + 1)], channels
 
 
-def _body(n, fc_channels=None, dropout=paper.DROPOUT_RATIO, pretrained_lr_mult=paper.PRETRAINED_LR_MULT,
-          lr_scaling="uniform"):
+def _body(n, fc_channels=None, dropout=paper.DROPOUT_RATIO, pretrained_lr_mult=paper.PRETRAINED_LR_MULT):
     """conv1_1 ... score, upscore on n.data (SPEC §2 rows 1-7, before the crop); dropout 0 leaves drop6
-    and drop7 out (they only act in training); pretrained_lr_mult and lr_scaling: the lr multipliers
-    (`lr_mult`)."""
+    and drop7 out (they only act in training); pretrained_lr_mult: the lr multiplier of conv1_1..conv3_2."""
     fc6_channels = fc_channels or paper.FC6_CHANNELS
     fc7_channels = fc_channels or paper.FC7_CHANNELS
-    bottom, fan_in = n.data, paper.INPUT_CHANNELS * CONV_KERNEL ** 2
+    bottom = n.data
     for block, names, channels in conv_blocks():
         for name in names:
-            pad = paper.CONV1_1_PAD if name == FIRST_CONV else 1
-            bottom = _conv_relu(n, bottom, name, channels, fan_in, pad=pad, pretrained_lr_mult=pretrained_lr_mult,
-                                lr_scaling=lr_scaling)
-            fan_in = channels * CONV_KERNEL ** 2
+            pad = paper.CONV1_1_PAD if name == "conv1_1" else 1
+            bottom = _conv_relu(n, bottom, name, channels, pad=pad, pretrained_lr_mult=pretrained_lr_mult)
         pool = L.Pooling(bottom, pool=P.Pooling.MAX, kernel_size=2, stride=2)
         setattr(n, "pool%d" % block, pool)
         bottom = pool
-    n.fc6 = _conv(bottom, "fc6", fc6_channels, paper.FC6_KERNEL, 0, dict(type="msra"), FC6_FAN_IN,
-                  lr_scaling=lr_scaling)
+    n.fc6 = _conv(bottom, "fc6", fc6_channels, paper.FC6_KERNEL, 0, dict(type="msra"))
     top = n.relu6 = L.ReLU(n.fc6, in_place=True)
     if dropout:
         top = n.drop6 = L.Dropout(top, dropout_ratio=dropout, in_place=True)
-    n.fc7 = _conv(top, "fc7", fc7_channels, 1, 0, dict(type="msra"), fc6_channels, lr_scaling=lr_scaling)
+    n.fc7 = _conv(top, "fc7", fc7_channels, 1, 0, dict(type="msra"))
     top = n.relu7 = L.ReLU(n.fc7, in_place=True)
     if dropout:
         top = n.drop7 = L.Dropout(top, dropout_ratio=dropout, in_place=True)
-    n.score = _conv(top, "score", paper.NUM_CLASSES, 1, 0, dict(type="gaussian", std=0.01), fc7_channels,
-                    lr_scaling=lr_scaling)
+    n.score = _conv(top, "score", paper.NUM_CLASSES, 1, 0, dict(type="gaussian", std=0.01))
     # Fixed bilinear upsampling, one filter per class (group = classes: the classes never mix).
     n.upscore = L.Deconvolution(n.score, param=_FROZEN_PARAM, convolution_param=dict(
         num_output=paper.NUM_CLASSES, group=paper.NUM_CLASSES, kernel_size=paper.UPSCORE_KERNEL,
@@ -171,13 +137,12 @@ def _loss_layer(n, loss, class_weights, normalize, infogain_source):
 def ts_fcn(split, crop_mode=paper.DEFAULT_CROP_MODE, loss="python", class_weights=paper.CLASS_WEIGHTS,
            normalize=paper.LOSS_NORMALIZE, train_source="train.txt", val_source="val.txt",
            batch_size=paper.BATCH_SIZE, infogain_source=INFOGAIN_DEFAULT_SOURCE, fc_channels=None,
-           dropout=paper.DROPOUT_RATIO, pretrained_lr_mult=paper.PRETRAINED_LR_MULT, lr_scaling="uniform",
-           tumor_threshold=None):
+           dropout=paper.DROPOUT_RATIO, pretrained_lr_mult=paper.PRETRAINED_LR_MULT, tumor_threshold=None):
     """The TS-FCN NetParameter for split "train", "val" or "deploy".
 
-    batch_size, dropout (the training-time ratio of drop6/drop7, 0: left out), pretrained_lr_mult (the lr
+    batch_size, dropout (the training-time ratio of drop6/drop7, 0: left out) and pretrained_lr_mult (the lr
     multiplier of conv1_1..conv3_2; the report's 0.1 suits transplanted weights, a net trained from scratch
-    may learn them at full rate) and lr_scaling (`lr_mult`) shape the train net only (val takes batch 1); the val and deploy nets
+    may learn them at full rate) shape the train net only (val takes batch 1); the val and deploy nets
     always have the report's layers, so every training recipe gives the same deploy net. tumor_threshold:
     the val net's DiceCounts calls tumor above this probability (tools/score.py; None: argmax).
 
@@ -200,7 +165,7 @@ def ts_fcn(split, crop_mode=paper.DEFAULT_CROP_MODE, loss="python", class_weight
             source=source, batch_size=batch_size if split == "train" else paper.BATCH_SIZE,
             shuffle=(split == "train")))
     if split == "train":
-        _body(n, fc_channels, dropout, pretrained_lr_mult, lr_scaling)
+        _body(n, fc_channels, dropout, pretrained_lr_mult)
     else:
         _body(n, fc_channels)
     n.score_crop = L.Crop(n.upscore, n.data, crop_param=dict(axis=2, offset=offset))

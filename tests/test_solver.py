@@ -88,7 +88,13 @@ def test_caffe_train_runs_the_written_solver(tmp_path):
 def test_fast_profile_schedule():
     p = profiles.settings("fast")
     max_iter, stepsize, snapshot, validate_every = make_solver.schedule(1408, "fast")
-    assert max_iter == p["max_iter"] and snapshot == max_iter and validate_every == p["validate_every"]
+    assert max_iter == p["max_iter"] and snapshot == min(p["snapshot"], max_iter)
+    assert validate_every == min(p["validate_every"], max_iter)
+    # the narrow start runs the same schedule over its own iterations (tools/train.py's narrow_start)
+    channels, narrow_iter, narrow_lr = p["narrow_start"]
+    narrow = dict(p, max_iter=narrow_iter, base_lr=narrow_lr)
+    assert make_solver.schedule(1408, narrow) == (narrow_iter, stepsize, p["snapshot"], p["validate_every"])
+    assert narrow_lr > p["base_lr"] and channels < paper.FC6_CHANNELS
     fast = make_solver.solver_parameter("train.prototxt", 1408, "snap", "fast")
     assert fast.lr_policy == p["lr_policy"] == "poly" and fast.power == p["power"]
     assert make_solver.learning_rate(fast, max_iter) == 0          # decayed to nothing at the end

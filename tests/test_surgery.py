@@ -105,3 +105,47 @@ def test_cli_writes_a_caffemodel(tmp_path):
     assert surgery.main(["--weights", str(tmp_path / "nope.caffemodel"), "--model", deploy,
                          "--out", str(tmp_path / "x.caffemodel")]) == 1
     assert not (tmp_path / "x.caffemodel").exists()
+
+
+def _deploy(tmp_path, name, fc_channels):
+    path = str(tmp_path / (name + ".prototxt"))
+    tsnet.write(path, split="deploy", fc_channels=fc_channels)
+    return caffe.Net(path, caffe.TEST)
+
+
+def test_widen_keeps_the_function_and_noise_breaks_the_copies(tmp_path):
+    """A net with fc6/fc7 8 wide, widened to 32: the same probabilities on an image (Net2WiderNet); with noise
+    the copies of a unit differ and the output moves only a little."""
+    caffe.set_random_seed(3)
+    narrow = _deploy(tmp_path, "narrow", 8)
+    rng = np.random.RandomState(1)
+    for name, blobs in narrow.params.items():        # MSRA weights from the fillers; biases and scores made larger
+        if name != "upscore":
+            blobs[1].data[...] = rng.normal(0, 0.1, blobs[1].data.shape)
+    narrow.params["score"][0].data[...] *= 100
+    image = rng.normal(0, 1, (1, 3, paper.INPUT_SIZE, paper.INPUT_SIZE)).astype(np.float32)
+
+    def prob(net):
+        net.blobs["data"].data[...] = image
+        return net.forward()["prob"].copy()
+    want = prob(narrow)
+    assert want.std() > 0.05                                      # not a constant map: the test can fail
+    wide = _deploy(tmp_path, "wide", 32)
+    assert surgery.widen(wide, narrow) == ["fc6", "fc7", "score"]
+    assert np.abs(prob(wide) - want).max() < 1e-4
+    fc6 = wide.params["fc6"][0].data
+    assert np.array_equal(fc6[8:16], fc6[:8]) and np.allclose(wide.params["fc7"][0].data[:8, :8, 0, 0] * 4,
+                                                              narrow.params["fc7"][0].data[:, :, 0, 0])
+    noisy = _deploy(tmp_path, "noisy", 32)
+    surgery.widen(noisy, narrow, noise=0.01)
+    fc6 = noisy.params["fc6"][0].data
+    assert np.array_equal(fc6[:8], narrow.params["fc6"][0].data) and not np.array_equal(fc6[8:16], fc6[:8])
+    assert 0 < np.abs(prob(noisy) - want).max() < 0.1 * want.std()
+
+
+def test_widen_refuses_a_shape_that_is_no_multiple(tmp_path):
+    narrow, odd = _deploy(tmp_path, "narrow", 8), _deploy(tmp_path, "odd", 12)
+    before = odd.params["fc6"][0].data.copy()
+    with pytest.raises(surgery.SurgeryError, match="fc6.*cannot be widened"):
+        surgery.widen(odd, narrow)
+    assert np.array_equal(odd.params["fc6"][0].data, before)     # nothing changed

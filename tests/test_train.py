@@ -237,3 +237,28 @@ def test_weight_average_is_kept_resumed_and_becomes_the_model(tmp_path):
     assert np.abs(final - (d * avg3 + (1 - d) * raw4)).max() < 1e-6
     assert np.abs(final - raw4).max() > 1e-5
     assert json.load(open(os.path.join(run, "run.json")))["average"] == 0.5
+
+
+def test_narrow_start_trains_widens_and_resumes(tmp_path):
+    """--narrow-start C,N,LR: a run of its own in RUN/narrow (C fc channels, N iterations at LR), widened into the net
+    (the widened start scores what the narrow run ended with), then the net's own iterations; a rerun
+    resumes without training either again."""
+    data = tiny_data.make(str(tmp_path / "data"), patients=5, slices=1, size=paper.INPUT_SIZE)
+    run = str(tmp_path / "run")
+    cmd = _train_cmd(data, run, "--profile", "fast", "--max-iter", "2", "--validate-every", "2",
+                     "--narrow-start", "8,3,1e-3")
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    narrow = os.path.join(run, "narrow")
+    assert json.load(open(os.path.join(narrow, "metrics.json")))["iterations"] == 3
+    assert "num_output: 8" in open(os.path.join(narrow, "deploy.prototxt")).read()
+    assert "num_output: 16" in open(os.path.join(run, "deploy.prototxt")).read()
+    assert "widened (fc6,fc7,score) from the narrow start narrow" in r.stdout
+    wide_rows, narrow_rows = _rows(run), _rows(narrow)
+    assert [int(x["iteration"]) for x in wide_rows] == [0, 2]
+    assert [int(x["iteration"]) for x in narrow_rows][-1] == 3
+    assert float(wide_rows[0]["val_loss"]) == pytest.approx(float(narrow_rows[-1]["val_loss"]), rel=0.05)
+    assert json.load(open(os.path.join(run, "run.json")))["narrow_start"] == [8, 3, 1e-3]
+    assert json.load(open(os.path.join(narrow, "run.json")))["base_lr"] == pytest.approx(1e-3)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert r.returncode == 0 and "narrow start" not in r.stdout, r.stdout[-3000:]

@@ -1,4 +1,5 @@
-"""Net surgery: transplant the pretrained conv1_1 ... conv3_2 into the TS-FCN, by name.
+"""Net surgery: transplant the pretrained conv1_1 ... conv3_2 into the TS-FCN, by name; widen a
+narrower-fc TS-FCN into the full one (`widen`).
 
 This module owns weight transplanting (SPEC §2: layers 1-3 come from FCN-32s PASCAL or VGG16). The
 source is a caffemodel plus a prototxt that Caffe can load it with; since Caffe copies weights by
@@ -17,6 +18,8 @@ import mmap
 import os
 import sys
 import tempfile
+
+import numpy as np
 
 from google.protobuf import text_format
 
@@ -174,6 +177,44 @@ def transplant(dst_net, src_prototxt, src_caffemodel, layers=paper.PRETRAINED_LA
         for dst_blob, src_blob in zip(dst_net.params[name], src_net.params[name]):
             dst_blob.data[...] = src_blob.data
     return layers
+
+
+def widen(dst_net, src_net, noise=0.0, seed=paper.SEED):
+    """Copy every parameter layer of src_net into dst_net, by name, widening layers that dst_net has wider
+    (fc6 and fc7 of a net built with fewer fc channels) so that dst_net computes the same function
+    (Net2WiderNet, Chen et al. 2016): output channel k of a widened layer is a copy of the source's channel
+    k mod n; where a layer's input channels were widened by r, its weights are the source's divided by r
+    (the r copies of each input sum to the original). `noise`: Gaussian noise, relative to each source
+    weight blob's sd, added to the copies beyond the first (copies of a unit would otherwise get the same
+    gradients forever; biases get none). Returns the names of the widened layers. SurgeryError, before changing anything,
+    for a missing layer or a shape that is not a whole multiple of the source's."""
+    plan = []
+    for name, dst_blobs in dst_net.params.items():
+        if name not in src_net.params:
+            raise SurgeryError("the source net has no layer %s" % name)
+        src_blobs = src_net.params[name]
+        shapes = [(tuple(d.data.shape), tuple(s.data.shape)) for d, s in zip(dst_blobs, src_blobs)]
+        for dst, src in shapes:
+            if len(dst) != len(src) or any(a % b for a, b in zip(dst, src)) or dst[2:] != src[2:]:
+                raise SurgeryError("layer %s: source blob %s cannot be widened to %s" % (name, src, dst))
+        plan.append((name, dst_blobs, src_blobs))
+    rng = np.random.RandomState(seed)
+    widened = []
+    for name, dst_blobs, src_blobs in plan:
+        for i, (d, s) in enumerate(zip(dst_blobs, src_blobs)):
+            src = s.data
+            reps = tuple(a // b for a, b in zip(d.data.shape, src.shape))
+            out = np.tile(src, reps)
+            if i == 0 and len(reps) > 1 and reps[1] > 1:
+                out /= reps[1]                       # widened inputs: the copies sum to the original
+            if noise and i == 0 and reps[0] > 1:
+                sd = float(src.std())
+                out[src.shape[0]:] += rng.normal(0, noise * sd / (reps[1] if len(reps) > 1 else 1),
+                                                 out[src.shape[0]:].shape)
+            d.data[...] = out
+        if any(tuple(d.data.shape) != tuple(s.data.shape) for d, s in zip(dst_blobs, src_blobs)):
+            widened.append(name)
+    return widened
 
 
 def main(argv=None):

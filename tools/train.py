@@ -77,9 +77,16 @@ def default_weights():
     return None
 
 
-def init_weights(solver, profile, weights_arg, run):
-    """Transplant conv1_1..conv3_2 (tools/surgery.py) from --weights, or with a pretrained profile from
-    the `make weights` download when present; otherwise keep the MSRA fillers. Returns a note."""
+def init_weights(solver, profile, weights_arg, run, narrow=None):
+    """With a finished narrow start (`narrow`: its run folder), its weights widened into the net
+    (tools/surgery.py's widen). Otherwise transplant conv1_1..conv3_2 (tools/surgery.py) from --weights, or
+    with a pretrained profile from the `make weights` download when present; otherwise keep the MSRA fillers
+    (scaled by LSUV). Returns a note."""
+    if narrow is not None:
+        from tools import surgery
+        src = caffe_net.open_net(os.path.join(narrow, "deploy.prototxt"), os.path.join(narrow, "final.caffemodel"))
+        widened = surgery.widen(solver.net, src, noise=WIDEN_NOISE)
+        return "widened (%s) from the narrow start %s" % (",".join(widened), os.path.relpath(narrow, run))
     pretrained = profiles.settings(profile)["pretrained"]
     model = None
     if weights_arg:
@@ -129,11 +136,11 @@ class Stop:
 
 # Training settings a profile sets and the command line may override (option name = profile key).
 PROFILE_OPTIONS = ("base_lr", "lr_policy", "power", "gamma", "stepsize", "iter_size", "batch_size", "dropout",
-                   "class_weights", "momentum2", "pretrained_lr_mult", "lr_scaling", "average", "decision")
+                   "class_weights", "momentum2", "pretrained_lr_mult", "average", "decision",
+                   "narrow_start")
 # Net options recorded in run.json only when they differ from the report (old run.json stay valid).
 NET_DEFAULTS = {"class_weights": list(paper.CLASS_WEIGHTS), "dropout": paper.DROPOUT_RATIO,
-                "batch_size": paper.BATCH_SIZE, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT,
-                "lr_scaling": "uniform"}
+                "batch_size": paper.BATCH_SIZE, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT}
 
 
 def recipe(a):
@@ -146,7 +153,24 @@ def recipe(a):
     if p["lr_policy"] == "poly" and p["power"] is None:
         raise SystemExit("error: --lr-policy poly needs --power")
     p["class_weights"] = [float(w) for w in p["class_weights"]]
+    if p["narrow_start"] is not None:
+        channels, iterations, lr = p["narrow_start"]
+        p["narrow_start"] = [int(channels), int(iterations), float(lr)] if channels and iterations else None
     return p
+
+
+def narrow_start_arg(text):
+    """--narrow-start CHANNELS,ITERATIONS,LR or none -> [channels, iterations, lr] or [0, 0, 0]."""
+    if text.strip().lower() == "none":
+        return [0, 0, 0.0]
+    try:
+        channels, iterations, lr = text.split(",")
+        value = [int(channels), int(iterations), float(lr)]
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not CHANNELS,ITERATIONS,LR (e.g. 512,1000,1e-4) or none" % text)
+    if min(value) <= 0:
+        raise argparse.ArgumentTypeError("%r: channels, iterations and lr must be positive" % text)
+    return value
 
 
 def prepare(a):
@@ -159,6 +183,8 @@ def prepare(a):
         raise SystemExit("error: %s/train.txt not found; make the data first (make data)" % fold_dir)
     os.makedirs(os.path.join(run, "snapshots"), exist_ok=True)
     p = recipe(a)
+    if p["narrow_start"] and p["narrow_start"][0] >= (a.fc_channels or min(paper.FC6_CHANNELS, paper.FC7_CHANNELS)):
+        p["narrow_start"] = None        # a net no wider than the narrow start's (--fc-channels): nothing to widen
     net_kw = {"crop_mode": a.crop, "normalize": a.loss_normalize}
     for key, default in NET_DEFAULTS.items():
         if p[key] != default:
@@ -187,7 +213,7 @@ def prepare(a):
             "max_iter": int(s.max_iter), "stepsize": int(s.stepsize), "snapshot": int(s.snapshot),
             "validate_every": int(validate_every), "base_lr": s.base_lr, "seed": a.seed,
             "lr_policy": s.lr_policy, "iter_size": int(p["iter_size"]), "decision": p["decision"],
-            "class_weights": p["class_weights"], "average": p["average"],
+            "class_weights": p["class_weights"], "average": p["average"], "narrow_start": p["narrow_start"],
             "command": " ".join(shlex.quote(x) for x in ["python3", "-m", "tools.train"] + list(getattr(a, "argv", None) or []))}
     old = caffe_net.run_info(run)
     if old and old.get("net") != net_kw and caffe_net.latest_solverstate(run) and not a.restart:
@@ -216,16 +242,15 @@ def clear_run(run):
             os.remove(path)
 
 
-def start(solver, a, info, run, fold_dir):
-    """Resume from the latest solverstate, or initialise the weights (surgery or LSUV); the weight average
-    when the run keeps one. Returns (resumed state or None, a note on the weights, the average or None)."""
-    state = None if a.restart else caffe_net.latest_solverstate(run)
+def start(solver, a, info, run, fold_dir, state, narrow=None):
+    """Resume from the latest solverstate `state`, or initialise the weights (widening, surgery or LSUV); the
+    weight average when the run keeps one. Returns (a note on the weights, the average or None)."""
     with in_folder(fold_dir):   # LSUV runs the train net, whose data layer opens files as it goes
         if state:
             solver.restore(state)
             init = "resumed from %s" % os.path.relpath(state, run)
         else:
-            init = init_weights(solver, a.profile, a.weights, run)
+            init = init_weights(solver, a.profile, a.weights, run, narrow)
     average = None
     if info.get("average"):
         from tools import averaging
@@ -233,7 +258,26 @@ def start(solver, a, info, run, fold_dir):
         if state and os.path.exists(caffe_net.average_path(run, solver.iter)):
             average.load(caffe_net.average_path(run, solver.iter))
         init += "; weights averaged (EMA %g)" % info["average"]
-    return state, init, average
+    return init, average
+
+
+NARROW_FOLDER = "narrow"
+WIDEN_NOISE = 0.01      # relative noise on the widened copies of fc6/fc7 units (tools/surgery.py's widen)
+
+
+def narrow_start(a, info, run):
+    """The profile's narrow start: the same recipe on a net with narrow fc6/fc7 (RUN/narrow, a run of its
+    own: resumable, with its log and Fig. 5), trained for its iterations. Returns (exit status, its folder)."""
+    import copy
+    channels, iterations, lr = info["narrow_start"]
+    sub = copy.copy(a)
+    sub.run = os.path.join(run, NARROW_FOLDER)
+    sub.fc_channels, sub.max_iter, sub.base_lr, sub.narrow_start = channels, iterations, lr, [0, 0, 0.0]
+    sub.argv = list(a.argv or []) + ["--run", sub.run, "--fc-channels", str(channels), "--max-iter", str(iterations),
+                                     "--base-lr", "%g" % lr, "--narrow-start", "none"]
+    log("narrow start: %d iterations at lr %g with %d fc6/fc7 channels in %s, then widened to the report's net"
+        % (iterations, lr, channels, sub.run))
+    return train(sub), sub.run
 
 
 class Validation:
@@ -346,11 +390,18 @@ def train(a):
     caffe.set_random_seed(a.seed)
     patients = validation.load_patients(info["data"], a.fold)
     ids = [p[0] for p in patients]
+    state = None if a.restart else caffe_net.latest_solverstate(run)
+    narrow = None
+    if info.get("narrow_start") and not state:
+        status, narrow = narrow_start(a, info, run)
+        if status:
+            return status
+        caffe.set_random_seed(a.seed)
     with in_folder(fold_dir):
         solver = caffe.get_solver(os.path.join(run, "solver.prototxt"))
     if a.restart:
         clear_run(run)
-    state, init, average = start(solver, a, info, run, fold_dir)
+    init, average = start(solver, a, info, run, fold_dir, state, narrow)
     start_iter = solver.iter
     tlog = TrainLog(os.path.join(run, "train_log.csv"), ids, resume_iter=start_iter if state else None)
     validate = Validation(a, info, run, solver, average, patients, tlog, time.time())
@@ -432,8 +483,9 @@ def parser():
     ap.add_argument("--momentum2", type=float, help="Adam beta2 (default the report's %g)" % paper.MOMENTUM2)
     ap.add_argument("--pretrained-lr-mult", type=float, help="lr multiplier of conv1_1..conv3_2 in training "
                     "(default the profile's; the report's %g suits transplanted weights)" % paper.PRETRAINED_LR_MULT)
-    ap.add_argument("--lr-scaling", choices=("uniform", "fan_in"), help="per-layer learning rates: uniform (the "
-                    "report's) or fan_in (x sqrt(fc6's fan-in / the layer's), prototxt/net.py's lr_mult); "
+    ap.add_argument("--narrow-start", type=narrow_start_arg, metavar="CHANNELS,ITERATIONS,LR",
+                    help="first train a net with this many fc6/fc7 channels for this many iterations at this "
+                    "learning rate, then widen it into the full net as its start (none: no narrow start); "
                     "default the profile's")
     ap.add_argument("--average", type=float, metavar="DECAY", help="validate and keep an exponential moving "
                     "average of the weights (tools/averaging.py), e.g. 0.98; default the profile's (none)")
@@ -450,7 +502,8 @@ def parser():
                     "iterations of this invocation, as an interruption would")
     ap.add_argument("--restart", action="store_true", help="ignore existing snapshots and start over")
     ap.add_argument("--val-batch", type=int, default=8, help="validation images per forward")
-    ap.add_argument("--fc-channels", type=int, help="fc6/fc7 width (tests only; default the report's 4096)")
+    ap.add_argument("--fc-channels", type=int, help="fc6/fc7 width (tests and the narrow start; default the "
+                    "report's 4096)")
     ap.add_argument("--display", type=int, default=0, help="Caffe's own log every N iterations (with "
                     "GLOG_minloglevel=0)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
