@@ -259,6 +259,11 @@ def test_narrow_start_trains_widens_and_resumes(tmp_path):
     assert [int(x["iteration"]) for x in narrow_rows][-1] == 3
     assert float(wide_rows[0]["val_loss"]) == pytest.approx(float(narrow_rows[-1]["val_loss"]), rel=0.05)
     assert json.load(open(os.path.join(run, "run.json")))["narrow_start"] == [8, 3, 1e-3]
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    assert m["iterations"] == 2 and m["narrow_start"]["iterations"] == 3 and m["narrow_start"]["fc_channels"] == 8
+    from tools import figures      # Fig. 5 draws the narrow start's curve first
+    n_it, _, n_mean = figures.fig5_curves(os.path.join(narrow, "train_log.csv"))
+    assert n_it[-1] == 3 and os.path.getsize(os.path.join(run, "figures", "fig5_val_dice.png")) > 10000
     assert json.load(open(os.path.join(narrow, "run.json")))["base_lr"] == pytest.approx(1e-3)
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
     assert r.returncode == 0 and "narrow start" not in r.stdout, r.stdout[-3000:]

@@ -9,7 +9,8 @@ This module owns:
   * the batched forward (`forward`): N images through the net in balanced batches, the blobs asked for
     written straight into one array each;
   * reading a run folder of tools/train.py: RUN/run.json (`run_info`), the DATA manifest it names
-    (`read_manifest`, `run_manifest`), the snapshots (`snapshot_prefix`, `latest_solverstate`, `average_path`) and the run
+    (`read_manifest`, `run_manifest`), the snapshots (`snapshot_prefix`, `latest_solverstate`, `average_path`), the
+    narrow start's own run folder (`narrow_run`) and the run
     a caffemodel belongs to (`model_run`).
 
 Caffe is imported inside the functions, so the run-folder readers work where Caffe is absent (the Slurm
@@ -160,6 +161,11 @@ def forward(net, images, blobs=("prob",), batch=None, channel=None, progress=Non
 
 
 # --- the run folder -------------------------------------------------------------------------------
+def narrow_run(run):
+    """The run folder of RUN's narrow start (tools/train.py), whether or not there is one."""
+    return os.path.join(run, "narrow")
+
+
 def run_info(run):
     """RUN/run.json written by tools/train.py (profile, data, net options, decision rule, ...); {} when absent."""
     path = os.path.join(run, "run.json")

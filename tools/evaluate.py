@@ -145,7 +145,8 @@ def make_figures(run, net, patients, per, profile, threshold=0.5, ceiling=None):
     log = os.path.join(run, "train_log.csv")
     if os.path.exists(log):
         path = os.path.join(out, "fig5_val_dice.png")
-        figures.fig5(path, log, caffe_net.run_info(run).get("epoch"), profile, ceiling)
+        figures.fig5(path, log, caffe_net.run_info(run).get("epoch"), profile, ceiling,
+                     os.path.join(caffe_net.narrow_run(run), "train_log.csv"))
         written.append(path)
     return written
 

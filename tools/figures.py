@@ -1,7 +1,8 @@
 """The report's figures (SPEC §6) as PNGs, drawn with matplotlib (Agg) and written atomically.
 
   fig5(png, train_log_csv, epoch, profile)   validation mean 3D Dice against iterations (Fig. 5),
-                                             with the per-patient curves faint behind it
+                                             with the per-patient curves faint behind it (and the
+                                             narrow start's curve before it, when the run had one)
   panels(png, image, prob, pred, truth, title)   Figs. 6/8/9: input, tumor probability, thresholded
                                              prediction, truth, each titled with its pixel count
   fig7(png, image, score15, upscore, prob, title)   Fig. 7: 15x15 tumor score -> upsampled -> probability
@@ -12,6 +13,8 @@
 Inputs are network arrays: image 3 x H x W (mean-subtracted, data_prep.intensity.net_to_display
 turns it back to grey), probabilities and masks H x W.
 """
+import os
+
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -46,11 +49,23 @@ def fig5_curves(csv_path):
             [r["val_mean_dice_3d"] for r in rows])
 
 
-def fig5(png, csv_path, epoch=None, profile="", ceiling=None):
+def fig5(png, csv_path, epoch=None, profile="", ceiling=None, narrow_csv=None):
     """Validation mean 3D Dice against iterations (the report's Fig. 5), with the per-patient curves faint
-    behind it and, given `ceiling` (the fold's mean resolution ceiling, tools/ceiling.py), a line at it."""
+    behind it and, given `ceiling` (the fold's mean resolution ceiling, tools/ceiling.py), a line at it.
+    narrow_csv: the train_log.csv of the run's narrow start (tools/train.py), drawn first; the run's own
+    iterations follow on from its last."""
     it, patients, mean = fig5_curves(csv_path)
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    xlabel = "iteration"
+    if narrow_csv and os.path.exists(narrow_csv):
+        n_it, n_patients, n_mean = fig5_curves(narrow_csv)
+        if n_it:
+            for ys in n_patients.values():
+                ax.plot(n_it, ys, color="0.85", lw=0.8)
+            ax.plot(n_it, n_mean, "s-", color="C1", lw=1.5, ms=4, label="narrow start (fc6/fc7 narrower)")
+            ax.axvline(n_it[-1], color="0.5", ls="--", lw=0.8)
+            it = [n_it[-1] + i for i in it]
+            xlabel = "iteration (narrow start, then the widened net)"
     if it:
         for k, ys in patients.items():
             ax.plot(it, ys, color="0.75", lw=0.8)
@@ -65,7 +80,7 @@ def fig5(png, csv_path, epoch=None, profile="", ceiling=None):
         ax.legend(loc="lower right", fontsize=8)
     else:
         ax.set_title("Validation 3D Dice: no validation yet [%s]" % profile)
-    ax.set_xlabel("iteration" + (" (1 epoch = %d)" % epoch if epoch else ""))
+    ax.set_xlabel(xlabel + (" (1 epoch = %d)" % epoch if epoch else ""))
     ax.set_ylabel("mean validation 3D Dice")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

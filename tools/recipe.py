@@ -22,22 +22,29 @@ import atomic
 from solver import profiles
 from tools import ablation, caffe_net, train_log
 
-# name -> (what it changes against the fast profile, train.py options); each alone, on the same fold and seed
-LONG_RUN = 4 * profiles.settings("fast")["max_iter"]
+FAST = profiles.settings("fast")
+NARROW_CHANNELS, NARROW_ITER, NARROW_LR = FAST["narrow_start"]
+
+
+def narrow(channels=NARROW_CHANNELS, iterations=NARROW_ITER, lr=NARROW_LR):
+    """The --narrow-start option's value."""
+    return "%d,%d,%g" % (channels, iterations, lr)
+
+
 # name -> (what it changes against the fast profile, train.py options); each alone, on the same fold and seed
 EXPERIMENTS = (
     ("fast", "the fast profile as it is", []),
     ("seed1", "the fast profile, Caffe seed 1 (run-to-run spread)", ["--seed", "1"]),
     ("seed2", "the fast profile, Caffe seed 2", ["--seed", "2"]),
+    ("no-narrow-start", "the previous profile: the full net alone, 400 iterations at 1e-4",
+     ["--narrow-start", "none", "--max-iter", "400", "--base-lr", "1e-4"]),
+    ("wide-lr-1e-4", "the widened net trained at the narrow start's rate 1e-4", ["--base-lr", "1e-4"]),
+    ("narrow-256", "a narrow start with 256 channels", ["--narrow-start", narrow(channels=256)]),
+    ("long", "4x the iterations of both phases", ["--narrow-start", narrow(iterations=4 * NARROW_ITER),
+                                                  "--max-iter", str(4 * FAST["max_iter"])]),
     ("report-weights", "the report's class weights 0.04/0.96, read at p > 0.96 (the prior shift undone)",
      ["--class-weights", "0.04", "0.96", "--decision", "prior"]),
-    ("report-weights-seed1", "the same, Caffe seed 1",
-     ["--class-weights", "0.04", "0.96", "--decision", "prior", "--seed", "1"]),
-    ("long", "%d iterations (4x the fast profile's), validated every 100" % LONG_RUN,
-     ["--max-iter", str(LONG_RUN), "--validate-every", "100"]),
     ("no-average", "the raw weights instead of their moving average", ["--average", "0"]),
-    ("step", "the earlier schedule: lr x0.6 every 60 iterations", ["--lr-policy", "step", "--stepsize", "60",
-                                                                  "--gamma", "0.6"]),
     ("report-net", "the report's training net: dropout 0.5, conv1-3 at lr x0.1",
      ["--dropout", "0.5", "--pretrained-lr-mult", "0.1"]),
 )

@@ -8,6 +8,8 @@ It owns the run folder RUN (other tools read it):
   train_log.csv       iteration, lr, train_loss (mean since the previous row), val_mean_dice_3d,
                       then one column per validation patient (pseudonyms)
   figures/fig5_val_dice.png   redrawn after every validation
+  narrow/             with a narrow start (the fast profile): the run of the net with narrow fc6/fc7 that is
+                      widened into this one (a run folder of its own, as above)
   final.caffemodel    the last snapshot, or with --average its averaged weights (copied atomically at the end)
   metrics.json        mean_dice_3d, sd_dice_3d, per_patient, profile, iterations, ...
 
@@ -25,6 +27,7 @@ CLI: python3 -m tools.train --fold K --data DATA --run RUN [--profile paper|fast
 import argparse
 import contextlib
 import glob
+import json
 import os
 import shlex
 import shutil
@@ -261,7 +264,6 @@ def start(solver, a, info, run, fold_dir, state, narrow=None):
     return init, average
 
 
-NARROW_FOLDER = "narrow"
 WIDEN_NOISE = 0.01      # relative noise on the widened copies of fc6/fc7 units (tools/surgery.py's widen)
 
 
@@ -271,7 +273,7 @@ def narrow_start(a, info, run):
     import copy
     channels, iterations, lr = info["narrow_start"]
     sub = copy.copy(a)
-    sub.run = os.path.join(run, NARROW_FOLDER)
+    sub.run = caffe_net.narrow_run(run)
     sub.fc_channels, sub.max_iter, sub.base_lr, sub.narrow_start = channels, iterations, lr, [0, 0, 0.0]
     sub.argv = list(a.argv or []) + ["--run", sub.run, "--fc-channels", str(channels), "--max-iter", str(iterations),
                                      "--base-lr", "%g" % lr, "--narrow-start", "none"]
@@ -322,7 +324,8 @@ class Validation:
         try:
             from tools import figures
             figures.fig5(os.path.join(self.run, "figures", "fig5_val_dice.png"), self.tlog.path, self.info["epoch"],
-                         self.a.profile, self.ceiling)
+                         self.a.profile, self.ceiling,
+                         os.path.join(caffe_net.narrow_run(self.run), "train_log.csv"))
         except Exception as e:  # a figure must never stop a training run
             log("note: Fig. 5 not redrawn: %s" % e)
         return per, summary
@@ -374,6 +377,13 @@ def finish(a, solver, run, model, validate, last, start_iter, elapsed, init, mod
                     "train_seconds": round(elapsed, 1), "seconds_per_iteration":
                     round(elapsed / max(1, solver.iter - start_iter), 3), "weights": init, "mode": mode,
                     "snapshot": os.path.relpath(model, run)})
+    narrow = os.path.join(caffe_net.narrow_run(run), "metrics.json")
+    if validate.info.get("narrow_start") and os.path.exists(narrow):
+        with open(narrow) as f:
+            m = json.load(f)
+        channels, _, lr = validate.info["narrow_start"]
+        metrics["narrow_start"] = {"fc_channels": channels, "base_lr": lr, "iterations": m["iterations"],
+                                   "train_seconds": m["train_seconds"], "mean_dice_3d": m["mean_dice_3d"]}
     caffe_net.merge_json(os.path.join(run, "metrics.json"), metrics)
     log("done: %d iterations in %.0f s; validation mean 3D Dice %.3f ± %.3f (ceiling %.3f, predicted/true %.2f); %s"
         % (solver.iter, elapsed, summary["mean_dice_3d"], summary["sd_dice_3d"], summary["ceiling_dice_3d"],
