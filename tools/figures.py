@@ -56,7 +56,7 @@ def fig5(png, csv_path, epoch=None, profile="", ceiling=None, narrow_csv=None):
     iterations follow on from its last."""
     it, patients, mean = fig5_curves(csv_path)
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    xlabel = "iteration"
+    xlabel, n_it = "iteration", []
     if narrow_csv and os.path.exists(narrow_csv):
         n_it, n_patients, n_mean = fig5_curves(narrow_csv)
         if n_it:
@@ -69,7 +69,7 @@ def fig5(png, csv_path, epoch=None, profile="", ceiling=None, narrow_csv=None):
     if it:
         for k, ys in patients.items():
             ax.plot(it, ys, color="0.75", lw=0.8)
-        ax.plot(it, mean, "o-", color="C0", lw=2, label="mean 3D Dice")
+        ax.plot(it, mean, "o-", color="C0", lw=2, label="mean 3D Dice" + (", widened net" if n_it else ""))
         if patients:
             ax.plot([], [], color="0.75", lw=0.8, label="per patient")
         ax.set_title("Validation 3D Dice: %.3f at iteration %d [%s]" % (mean[-1], it[-1], profile))

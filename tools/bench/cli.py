@@ -9,7 +9,8 @@ Stages (``--only``):
             (convolution / deconvolution / inner product: 2 x MACs; training: forward + weight
             gradients + bottom gradients, i.e. about 3x forward)
   train     one TS-FCN training iteration through pycaffe (HDF5 batch 1, forward, loss, backward,
-            Adam update = solver.step(1)), with the Python loss and with Caffe's InfogainLoss
+            Adam update = solver.step(1)), with the Python loss and with Caffe's InfogainLoss, and (full net
+            only) the same with the fast profile's narrow fc6/fc7 (its narrow start, tools/train.py)
   forward   the deploy net's forward per image at batch 1 and batch 16
   profile   where the time goes: each layer's forward and backward, the data layer, the Python loss,
             the solver's regularisation, Adam update and apply, the deploy net's layers, each against
@@ -52,7 +53,7 @@ STAGE_FUNCS = {"sgemm": stages.stage_sgemm, "flops": stages.stage_flops, "train"
                "segment": stages.stage_segment}
 # The keys each stage fills: set to None (n/a) when the stage fails.
 STAGE_KEYS = {"sgemm": ["sgemm_gflops"], "flops": ["net_gflop_per_image", "net_train_gflop_per_image"],
-              "train": ["train_iter_s", "train_iter_infogain_s"], "forward": ["forward_s", "forward_b16_s"],
+              "train": ["train_iter_s", "train_iter_infogain_s", "train_iter_narrow_s"], "forward": ["forward_s", "forward_b16_s"],
               "profile": ["profile"],
               "data": ["data_s_per_patient", "data_read_s", "data_preprocess_s", "data_hdf5_s"],
               "segment": ["segment_s"]}

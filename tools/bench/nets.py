@@ -107,24 +107,24 @@ def train_net_files(tmp, loss, fc_channels, images=1, **solver_fields):
             f["data"], f["label"] = x, y
         with open(os.path.join(tmp, "bench_train.txt"), "w") as f:
             f.write(h5 + "\n")
-    proto = os.path.join(tmp, "train_%s.prototxt" % loss)
+    proto = os.path.join(tmp, "train_%s%s.prototxt" % (loss, "_fc%d" % fc_channels if fc_channels else ""))
     net.write(proto, split="train", loss=loss, train_source=os.path.join(tmp, "bench_train.txt"),
               fc_channels=fc_channels)
     sp = make_solver.solver_parameter(proto, 20000, os.path.join(tmp, "snap"), profile="paper",
                                       gpu=False, max_iter=10 ** 7)
     for key, value in solver_fields.items():
         setattr(sp, key, value)
-    tag = "".join("_%s%s" % (k, v) for k, v in sorted(solver_fields.items()))
+    tag = "".join("_%s%s" % (k, v) for k, v in sorted(solver_fields.items())) + ("_fc%d" % fc_channels if fc_channels else "")
     solver_path = os.path.join(tmp, "solver_%s%s.prototxt" % (loss, tag))
     make_solver.write(solver_path, sp)
     return proto, solver_path
 
 
-def make_solver(ctx, loss="python", fill=True, **solver_fields):
+def make_solver(ctx, loss="python", fill=True, fc_channels=None, **solver_fields):
     """A seeded pycaffe solver of the train net with deterministic weights (fill=False: Caffe's fillers;
-    enough for timing the update), see train_net_files."""
+    enough for timing the update), see train_net_files; fc_channels: fc6/fc7 width (default the run's)."""
     import caffe
-    _, solver_path = train_net_files(ctx.tmp, loss, ctx.fc_channels, **solver_fields)
+    _, solver_path = train_net_files(ctx.tmp, loss, fc_channels or ctx.fc_channels, **solver_fields)
     use_device(ctx.gpu)
     caffe.set_random_seed(paper.SEED)
     solver = caffe.get_solver(solver_path)

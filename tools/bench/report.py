@@ -70,6 +70,7 @@ def target_text(key):
 ROWS = [  # key, label, unit
     ("train_iter_s", "training iteration, Python loss (batch 1, fwd+loss+bwd+Adam)", "s"),
     ("train_iter_infogain_s", "training iteration, InfogainLoss", "s"),
+    ("train_iter_narrow_s", "training iteration of the fast profile's narrow start (fc6/fc7 {narrow} channels)", "s"),
     ("forward_s", "deploy forward, batch 1", "s/image"),
     ("forward_b16_s", "deploy forward, batch 16", "s/image"),
     ("data_s_per_patient", "make data, one {data_slices}-slice phantom patient", "s"),
@@ -103,7 +104,8 @@ def rows(r):
                 if eff and eff.get("fraction_of_sgemm") else "")
         met = r.get("targets_met", {}).get(key)
         why = r.get("not_available", {}).get(key, "")
-        label = label.format(data_slices=r.get("data_slices") or "?", segment_slices=r.get("segment_slices") or "?")
+        label = label.format(data_slices=r.get("data_slices") or "?", segment_slices=r.get("segment_slices") or "?",
+                             narrow=r.get("narrow_fc_channels") or "?")
         out.append((label, _fmt(v, unit) + ("" if v is None else " " + unit), ceil, target_text(key),
                     "" if met is None else ("yes" if met else "no"), why))
     return out

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 import paper
+from solver import profiles
 from tools.bench import nets
 from tools.bench.common import REPO, NotAvailable, median, timed_runs
 
@@ -57,6 +58,12 @@ def stage_train(ctx):
         runs = timed_runs(lambda: solver.step(1), ctx.repeat, ctx.warmup)
         out[key] = median(runs)
         out[key + "_runs"] = runs
+        del solver
+    if ctx.fc_channels is None:      # the fast profile's narrow start: the same net with narrow fc6/fc7
+        channels = profiles.settings("fast")["narrow_start"][0]
+        solver = nets.make_solver(ctx, "python", fc_channels=channels)
+        runs = timed_runs(lambda: solver.step(1), ctx.repeat, ctx.warmup)
+        out.update(train_iter_narrow_s=median(runs), train_iter_narrow_s_runs=runs, narrow_fc_channels=channels)
         del solver
     if ctx.save_outputs or ctx.compare:
         caffe_losses = []
