@@ -26,6 +26,7 @@ CLI: python3 -m tools.train --fold K --data DATA --run RUN [--profile paper|fast
 """
 import argparse
 import contextlib
+import copy
 import glob
 import json
 import os
@@ -80,14 +81,15 @@ def default_weights():
     return None
 
 
-def init_weights(solver, profile, weights_arg, run, narrow=None):
+def init_weights(solver, profile, weights_arg, run, narrow=None, gpu=None):
     """With a finished narrow start (`narrow`: its run folder), its weights widened into the net
     (tools/surgery.py's widen). Otherwise transplant conv1_1..conv3_2 (tools/surgery.py) from --weights, or
     with a pretrained profile from the `make weights` download when present; otherwise keep the MSRA fillers
     (scaled by LSUV). Returns a note."""
     if narrow is not None:
         from tools import surgery
-        src = caffe_net.open_net(os.path.join(narrow, "deploy.prototxt"), os.path.join(narrow, "final.caffemodel"))
+        src = caffe_net.open_net(os.path.join(narrow, "deploy.prototxt"), os.path.join(narrow, "final.caffemodel"),
+                                 gpu=gpu)     # on the run's device: open_net sets Caffe's (global) mode
         widened = surgery.widen(solver.net, src, noise=WIDEN_NOISE)
         return "widened (%s) from the narrow start %s" % (",".join(widened), os.path.relpath(narrow, run))
     pretrained = profiles.settings(profile)["pretrained"]
@@ -253,7 +255,7 @@ def start(solver, a, info, run, fold_dir, state, narrow=None):
             solver.restore(state)
             init = "resumed from %s" % os.path.relpath(state, run)
         else:
-            init = init_weights(solver, a.profile, a.weights, run, narrow)
+            init = init_weights(solver, a.profile, a.weights, run, narrow, a.gpu)
     average = None
     if info.get("average"):
         from tools import averaging
@@ -270,7 +272,6 @@ WIDEN_NOISE = 0.01      # relative noise on the widened copies of fc6/fc7 units 
 def narrow_start(a, info, run):
     """The profile's narrow start: the same recipe on a net with narrow fc6/fc7 (RUN/narrow, a run of its
     own: resumable, with its log and Fig. 5), trained for its iterations. Returns (exit status, its folder)."""
-    import copy
     channels, iterations, lr = info["narrow_start"]
     sub = copy.copy(a)
     sub.run = caffe_net.narrow_run(run)
