@@ -7,24 +7,30 @@
 # On the host (default) the build runs in its own Debian 11 root filesystem, made once from the runtime's
 # pristine debootstrap tarball (or by debootstrap) and entered with unshare + chroot, so the runtime the
 # toolkit's Python sees stays untouched. The CUDA toolkit is the host's (nvcc; CUDA 13 or 12) and is
-# bind-mounted at /usr/local/cuda; where it lacks cuBLAS/cuRAND, they come from the PyPI wheels
-# nvidia-cublas / nvidia-curand. With --native the build runs in the current system, which must be Debian
-# 11 with the toolkit at $CUDA_HOME (the GPU Docker image's build stage does that).
+# bind-mounted at /usr/local/cuda; where it lacks cuBLAS/cuRAND, they come from the pinned PyPI wheels
+# (tools/cuda/cuda-from-pypi.sh math). A host without nvcc gets the whole toolkit from those wheels
+# (cuda-from-pypi.sh toolkit), so any x86-64 Linux machine with python3 and pip can build the bundle.
+# With --native the build runs in the current system, which must be Debian 11 with the toolkit at
+# $CUDA_HOME (the GPU Docker image's build stage does that).
 # Every step is idempotent: build deps, the source package and the wheels are fetched once.
 # The project's changes to Caffe are the patches in tools/cuda/patches/ (see the README there).
 #
 # Options:
 #   --native        build in this system (Debian 11, root), not in the build root filesystem
 #   --prepare-only  install the build deps and fetch the source package, then stop (no compile)
+#   --pack-only     pack the bundle again from the last compile of these architectures (no compile)
 #   --out DIR       where the bundle goes (default: build/ in the checkout)
 #   --jobs N        parallel compile jobs (default: nproc)
 #   -h, --help      this text
 # Environment:
-#   CUDA_HOME            the CUDA toolkit (default: found from `nvcc` on PATH, else /usr/local/cuda)
+#   CUDA_HOME            the CUDA toolkit (default: found from `nvcc` on PATH, else /usr/local/cuda if it
+#                        has nvcc, else the pinned PyPI release unpacked in $TSFCN_CUDA_PYPI_HOME)
 #   TSFCN_CUDA_BUILDROOT the build root filesystem (default /var/cache/ts-fcn/caffe-cuda-build)
 #   TSFCN_MINBASE        pristine bullseye tarball (default /var/cache/ts-fcn/bullseye-$(uname -m).minbase.tar)
 #   TSFCN_MIRROR         Debian mirror (default http://deb.debian.org/debian)
-#   TSFCN_CUDA_WHEELS    where the cuBLAS/cuRAND wheels are kept (default /var/cache/ts-fcn/cuda-wheels)
+#   TSFCN_CUDA_WHEELS    where the CUDA wheels and the bundle's pure-Python wheels are kept
+#                        (default /var/cache/ts-fcn/cuda-wheels)
+#   TSFCN_CUDA_PYPI_HOME the toolkit from PyPI, when the host has no nvcc (default: beside the wheels)
 #   NICE                 niceness of the compile (default 10)
 set -euo pipefail
 
@@ -34,6 +40,8 @@ buildroot=${TSFCN_CUDA_BUILDROOT:-/var/cache/ts-fcn/caffe-cuda-build}
 minbase=${TSFCN_MINBASE:-/var/cache/ts-fcn/bullseye-$(uname -m).minbase.tar}
 mirror=${TSFCN_MIRROR:-http://deb.debian.org/debian}
 wheels=${TSFCN_CUDA_WHEELS:-/var/cache/ts-fcn/cuda-wheels}
+export TSFCN_CUDA_WHEELS=$wheels
+pypi_home=${TSFCN_CUDA_PYPI_HOME:-$(dirname "$wheels")/cuda-$(bash "$here/cuda-from-pypi.sh" release)-pypi}
 nice_level=${NICE:-10}
 # Inside the build root (and in --native mode) the work happens here.
 work=/opt/ts-fcn-cuda
@@ -44,6 +52,7 @@ die() { log "error: $*"; exit 1; }
 
 native=0
 prepare_only=0
+pack_only=0
 out=""
 jobs=$(nproc)
 archs=()
@@ -51,6 +60,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --native) native=1 ;;
         --prepare-only) prepare_only=1 ;;
+        --pack-only) pack_only=1 ;;
         --out) out=$2; shift ;;
         --jobs) jobs=$2; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -75,67 +85,56 @@ find_cuda_home() {
         top=$(nvcc -dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
         [ -n "$top" ] && { (cd "$top" && pwd); return; }
     fi
-    echo /usr/local/cuda
+    if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; return; fi
+    log "no nvcc on this machine: the CUDA toolkit from PyPI ($pypi_home)"
+    bash "$here/cuda-from-pypi.sh" toolkit "$pypi_home" >&2
+    echo "$pypi_home"
 }
 
-# cuBLAS/cuRAND headers and libraries when the toolkit has none: the PyPI wheels, unpacked under $1.
+# cuBLAS/cuRAND headers and libraries when the toolkit has none: the pinned PyPI wheels, unpacked under $1.
 cuda_math_libs() {
     local dest=$1 major=$2
-    local cublas curand
-    case "$major" in
-        13) cublas="nvidia-cublas==13.*"; curand="nvidia-curand==10.4.*" ;;
-        12) cublas="nvidia-cublas-cu12==12.*"; curand="nvidia-curand-cu12==10.3.*" ;;
-        *) die "CUDA $major: no cuBLAS/cuRAND wheel known; use a toolkit that has them" ;;
-    esac
-    if [ -f "$dest/.ts-fcn-wheels" ] && [ "$(cat "$dest/.ts-fcn-wheels")" = "$cublas $curand" ]; then return; fi
-    mkdir -p "$wheels"
-    if ! ls "$wheels"/nvidia_cu{blas,rand}*.whl >/dev/null 2>&1 || [ "$(ls "$wheels"/*.whl | wc -l)" -lt 2 ]; then
-        log "downloading $cublas $curand (PyPI wheels) into $wheels"
-        python3 -m pip download --no-deps --disable-pip-version-check -q -d "$wheels" "$cublas" "$curand"
-    fi
-    log "unpacking cuBLAS/cuRAND into $dest"
-    rm -rf "$dest" && mkdir -p "$dest"
-    local w
-    for w in "$wheels"/nvidia_cublas*.whl "$wheels"/nvidia_curand*.whl; do
-        python3 - "$w" "$dest" <<'EOF'
-import sys, zipfile, os
-wheel, dest = sys.argv[1:]
-with zipfile.ZipFile(wheel) as z:
-    for name in z.namelist():
-        parts = name.split("/")
-        # nvidia/<cu13|cublas|curand>/{include,lib}/file
-        if len(parts) >= 4 and parts[0] == "nvidia" and parts[2] in ("include", "lib") and parts[-1]:
-            target = os.path.join(dest, parts[2], *parts[3:])
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with z.open(name) as src, open(target, "wb") as dst:
-                dst.write(src.read())
-EOF
+    [ "$major" = "$(bash "$here/cuda-from-pypi.sh" release | cut -d. -f1)" ] ||
+        die "the CUDA $major toolkit in $cuda has no cuBLAS/cuRAND: install them, or build with the pinned CUDA from PyPI (CUDA_HOME=$pypi_home after 'bash tools/cuda/cuda-from-pypi.sh toolkit $pypi_home')"
+    bash "$here/cuda-from-pypi.sh" math "$dest"
+}
+
+# The pure-Python packages the bundle carries beyond Debian's (pack-bundle.sh PY_WHEELS), at the
+# versions the runtime pins (tools/runtime/requirements.txt), as wheels in $1.
+py_wheels() {
+    local dest=$1 name req
+    mkdir -p "$dest" "$wheels"
+    for name in $(sed -n 's/^PY_WHEELS="\(.*\)"/\1/p' "$here/pack-bundle.sh"); do
+        req=$(grep -i "^$name==" "$repo/tools/runtime/requirements.txt") || die "$name is not pinned in requirements.txt"
+        if ! ls "$wheels/${name}-${req#*==}-"*.whl >/dev/null 2>&1; then
+            log "downloading $req (pure-Python wheel for the bundle) into $wheels"
+            python3 -m pip download --no-deps --disable-pip-version-check -q -d "$wheels" "$req"
+        fi
+        cp "$wheels/${name}-${req#*==}-"*.whl "$dest/"
     done
-    # Link-time names (the wheels ship only the versioned sonames).
-    local so
-    for so in "$dest"/lib/lib*.so.*; do ln -sf "$(basename "$so")" "${so%%.so.*}.so"; done
-    echo "$cublas $curand" >"$dest/.ts-fcn-wheels"
 }
 
 # Run "$@" inside the build root, in a private mount namespace (as tools/runtime/runtime.sh does).
 in_buildroot() {
     local cuda=$1; shift
     unshare --mount --propagation private -- bash -eu -c '
-        root=$1; repo=$2; cuda=$3; shift 3
+        root=$1; repo=$2; cuda=$3; out=$4; shift 4
         mount -t proc proc "$root/proc"
         mount --rbind /dev "$root/dev"
         mount --rbind /sys "$root/sys"
         mkdir -p "$root$repo" "$root/usr/local/cuda" "$root/tmp"
         mount --rbind "$repo" "$root$repo"
+        mkdir -p "$root$out" && mount --rbind "$out" "$root$out"    # the bundle lands on the host
         mount --rbind -o ro "$cuda" "$root/usr/local/cuda"
         cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
         exec chroot "$root" "$@"
-    ' bash "$buildroot" "$repo" "$cuda" "$@"
+    ' bash "$buildroot" "$repo" "$cuda" "$out" "$@"
 }
 
 host_main() {
     [ "$(id -u)" = 0 ] || die "needs root (unshare, chroot); or use Dockerfile.gpu"
     local cuda; cuda=$(find_cuda_home)
+    cuda=$(cd "$cuda" && pwd -P)
     [ -x "$cuda/bin/nvcc" ] || die "no nvcc in $cuda/bin: set CUDA_HOME or put nvcc on PATH"
     local version major
     version=$("$cuda/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
@@ -167,26 +166,28 @@ host_main() {
         cuda_math_libs "$buildroot/opt/nvidia-math" "$major"
         extra=/opt/nvidia-math
     fi
+    py_wheels "$buildroot$work/py-wheels"
     in_buildroot "$cuda" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root LANG=C.UTF-8 CUDA_HOME=/usr/local/cuda TSFCN_CUDA_EXTRA="$extra" NICE="$nice_level" \
         TSFCN_MIRROR="$mirror" \
-        bash "$here/build-caffe-cuda.sh" --native $([ "$prepare_only" = 1 ] && echo --prepare-only) --out "$out" --jobs "$jobs" "${archs[@]}"
+        bash "$here/build-caffe-cuda.sh" --native $([ "$prepare_only" = 1 ] && echo --prepare-only) \
+        $([ "$pack_only" = 1 ] && echo --pack-only) --out "$out" --jobs "$jobs" "${archs[@]}"
 }
 
 # ---------------------------------------------------------------------------------------------------
 # Inside Debian 11: build deps, the source package, the patches, cmake, the bundle.
 
 build_deps() {
-    local want="caffe build-dep + cmake patchelf xz-utils file python3-tqdm (v2)"
+    local want="caffe build-dep + cmake patchelf xz-utils file python3-tqdm python3-scipy python3-pip (v3)"
     [ -f "$work/.deps" ] && [ "$(cat "$work/.deps")" = "$want" ] && return
     export DEBIAN_FRONTEND=noninteractive
     grep -q '^deb-src ' /etc/apt/sources.list ||
         echo "deb-src ${TSFCN_MIRROR:-http://deb.debian.org/debian} bullseye main" >>/etc/apt/sources.list
     log "installing the build dependencies of Debian's caffe (apt-get build-dep)"
     apt-get update -q >/dev/null
-    apt-get build-dep -y -q --no-install-recommends caffe >/dev/null
+    apt-get build-dep -y -q --no-install-recommends --arch-only caffe >/dev/null    # not the docs (doxygen-latex: TeX)
     apt-get install -y -q --no-install-recommends cmake patchelf xz-utils file dpkg-dev ca-certificates \
-        python3-numpy python3-protobuf python3-six python3-h5py python3-tqdm >/dev/null
+        python3-numpy python3-protobuf python3-six python3-h5py python3-tqdm python3-scipy python3-pip >/dev/null
     echo "$want" >"$work/.deps"
 }
 
@@ -216,8 +217,17 @@ native_main() {
     fetch_source
     log "build deps and source ready ($((SECONDS - t0)) s)"
     [ "$prepare_only" = 1 ] && return
+    # The bundle's pure-Python packages: put there by the host side, else fetched here (Docker build).
+    ls "$work"/py-wheels/*.whl >/dev/null 2>&1 || py_wheels "$work/py-wheels"
 
     local src="$work/build-$tag"
+    local extra=${TSFCN_CUDA_EXTRA:-}
+    if [ "$pack_only" = 1 ]; then
+        [ -x "$src/_build/tools/caffe" ] || die "--pack-only: no finished compile in $src"
+        bash "$here/pack-bundle.sh" "$src" "$bundle" "$tag" "$extra" "$work/py-wheels"
+        log "done in $((SECONDS - t0)) s: $bundle ($(du -h "$bundle" | cut -f1))"
+        return
+    fi
     rm -rf "$src" && cp -a "$work/src/caffe" "$src"
     local p
     for p in "$here"/patches/*.patch; do
@@ -225,7 +235,6 @@ native_main() {
         patch -d "$src" -p1 --forward --quiet <"$p"
     done
 
-    local extra=${TSFCN_CUDA_EXTRA:-}
     local cmake_args=(
         -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=/opt/caffe-cuda
         -DCPU_ONLY=OFF -DUSE_CUDNN=OFF -DUSE_NCCL=OFF
@@ -255,7 +264,7 @@ native_main() {
     (cd "$src/_build" && nice -n "$nice_level" make -j"$jobs" caffe caffe.bin pycaffe >make.log 2>&1) ||
         { grep -B5 -A10 -m3 -E 'error|Error' "$src/_build/make.log" >&2 || tail -40 "$src/_build/make.log" >&2; die "compile failed (log: $src/_build/make.log)"; }
     log "compiled in $((SECONDS - t1)) s"
-    bash "$here/pack-bundle.sh" "$src" "$bundle" "$tag" "$extra"
+    bash "$here/pack-bundle.sh" "$src" "$bundle" "$tag" "$extra" "$work/py-wheels"
     log "done in $((SECONDS - t0)) s: $bundle ($(du -h "$bundle" | cut -f1))"
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs a finished CUDA Caffe build into the relocatable bundle caffe-cuda-<tag>.tar.xz.
 #
-#   pack-bundle.sh SRC BUNDLE TAG [EXTRA_LIB_ROOT]
+#   pack-bundle.sh SRC BUNDLE TAG [EXTRA_LIB_ROOT [PY_WHEEL_DIR]]
 #
 # Runs in the Debian 11 system that built SRC (build-caffe-cuda.sh calls it). The bundle holds, under
 # caffe-cuda-<tag>/:
@@ -9,13 +9,18 @@
 #   python/caffe/                 pycaffe (_caffe.so, caffe_pb2.py, the .py files)
 #   lib/                          libcaffe and every non-CUDA library it needs from bullseye (not glibc)
 #   lib/python3.9/, py/python3    a portable Python 3.9 (stdlib) for machines without the runtime
-#   lib/python3/dist-packages/    numpy, google.protobuf, six, h5py, tqdm for that Python
+#   lib/python3/dist-packages/    what the toolkit's GPU proof (tools/cuda/gpu-proof.sh) imports, for that
+#                                 Python: numpy, google.protobuf, six, h5py, tqdm, scipy (the phantoms)
+#                                 from bullseye, and PY_WHEELS (pydicom: `make data` reads the phantoms'
+#                                 DICOM) from PY_WHEEL_DIR, pinned as in tools/runtime/requirements.txt
 #   BUNDLE.json                   architectures, CUDA version, the CUDA sonames the GPU machine must provide
 # RPATHs are $ORIGIN-relative, so the folder can live anywhere. The CUDA libraries (cudart, cuBLAS,
 # cuRAND, the driver) are NOT inside: they come from the GPU machine (tools/cuda/use-bundle.sh finds them).
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-src=$1 bundle=$2 tag=$3 extra=${4:-}
+[ $# -ge 3 ] || { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+src=$1 bundle=$2 tag=$3 extra=${4:-} py_wheel_dir=${5:-}
+# Pure-Python packages taken from PyPI wheels (build-caffe-cuda.sh fetches them at the runtime's pins).
+PY_WHEELS="pydicom"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 log() { echo "[caffe-cuda] $*" >&2; }
 
@@ -41,12 +46,22 @@ tar -C /usr/lib -cf - --exclude=__pycache__ --exclude=python3.9/test --exclude=p
     --exclude=python3.9/tkinter --exclude=python3.9/turtledemo --exclude=python3.9/ensurepip \
     --exclude=python3.9/lib2to3 --exclude=python3.9/config-3.9-x86_64-linux-gnu \
     --exclude=python3.9/unittest/test --exclude=python3.9/distutils/tests python3.9 | tar -C "$b/lib" -xf -
-for m in numpy google six.py h5py tqdm; do
-    if [ -e "/usr/lib/python3/dist-packages/$m" ]; then cp -rL "/usr/lib/python3/dist-packages/$m" "$b/lib/python3/dist-packages/"
-    elif [ "$m" != tqdm ]; then log "missing python module $m"; exit 1; fi
+dist=$b/lib/python3/dist-packages
+for m in numpy google six.py h5py tqdm scipy; do
+    [ -e "/usr/lib/python3/dist-packages/$m" ] || { log "missing python module $m"; exit 1; }
+    cp -rL "/usr/lib/python3/dist-packages/$m" "$dist/"
 done
+for m in $PY_WHEELS; do
+    w=$(ls "$py_wheel_dir/$m"-*.whl 2>/dev/null | head -1)
+    [ -n "$w" ] || { log "no $m wheel in '${py_wheel_dir}'"; exit 1; }
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$w" "$dist"
+done
+rm -rf "$dist"/*.dist-info "$dist/pydicom/data/test_files" "$dist/pydicom/tests"
 find "$b/lib" -name __pycache__ -prune -exec rm -rf {} +
-rm -rf "$b/lib/python3/dist-packages/numpy/"{tests,*/tests,doc}
+# Tests and docs; scipy's subpackages that nothing here imports (scipy.ndimage needs linalg, special,
+# sparse and _lib).
+find "$dist" -depth -type d \( -name tests -o -name doc \) -exec rm -rf {} +
+rm -rf "$dist"/scipy/{io,odr,signal,integrate,cluster,misc,datasets,fftpack,constants}
 
 # Every ELF's libraries, resolved in this system, minus glibc's own and CUDA's.
 skip='^(ld-linux.*|libc|libm|libdl|libpthread|librt|libresolv|libutil|libnsl|libanl|libcuda|libcudart|libcublas|libcublasLt|libcurand|libnvidia-.*)\.so'
