@@ -37,26 +37,29 @@ def hu_digest(hu):
     return hashlib.sha256(np.ascontiguousarray(np.asarray(hu).astype("<i2")).tobytes()).hexdigest()
 
 
-def _params(seed, index, size):
-    return {"version": VERSION, "seed": int(seed), "index": int(index), "size": int(size)}
+def _params(seed, index, size, kind=None):
+    params = {"version": VERSION, "seed": int(seed), "index": int(index), "size": int(size)}
+    if kind is not None:
+        params["kind"] = kind
+    return params
 
 
-def _done(out, index, seed, size):
+def _done(out, index, seed, size, kind=None):
     try:
         t = load_truth(out, index)
-        return (json.loads(str(t["params"])) == _params(seed, index, size) and
+        return (json.loads(str(t["params"])) == _params(seed, index, size, kind) and
                 os.path.isdir(os.path.join(out, patient_name(index))))
     except (OSError, KeyError, ValueError):
         return False
 
 
 def _make_one(args):
-    out, seed, index, size, force, truth_hu = args
+    out, seed, index, size, force, truth_hu, kind = args
     name = patient_name(index)
-    if not force and _done(out, index, seed, size):
+    if not force and _done(out, index, seed, size, kind):
         return json.loads(str(load_truth(out, index)["summary"]))
     t0 = time.time()
-    p = make_patient(seed, index, size=size)
+    p = make_patient(seed, index, kind=kind, size=size)
     final = os.path.join(out, name)
     tmp = os.path.join(out, ".%s.tmp%d" % (name, os.getpid()))
     if os.path.exists(tmp):
@@ -82,7 +85,7 @@ def _make_one(args):
     arrays = {"mask": p["mask"], "positions": p["positions"], "spacing": np.array(p["spacing"]),
               "origin": np.array(p["origin"]), "affine": p["affine"], "kind": np.array(p["kind"]),
               "hu_sha256": np.array(hu_digest(p["hu"])), "hu_mid": p["hu"][ks[len(ks) // 2]],
-              "params": np.array(json.dumps(_params(seed, index, size))),
+              "params": np.array(json.dumps(_params(seed, index, size, kind))),
               "summary": np.array(json.dumps(summary))}
     if truth_hu:
         arrays["hu"] = p["hu"]
@@ -92,9 +95,12 @@ def _make_one(args):
 
 
 def write_cohort(out, n=20, seed=paper.SEED, jobs=1, size=DEFAULT_SIZE, force=False, truth_hu=False,
-                 progress=True):
+                 progress=True, kind=None):
     """Write phantoms 0..n-1 under `out` (skipping those already done with the same parameters).
 
+    kind None gives the cohort's format mix (anatomy.kind_for_index); one of KINDS writes every patient
+    in that format (the same anatomy: the format draws no random numbers), e.g. "rtstruct" needs only
+    pydicom.
     Returns the per-patient summaries (dicts) in index order; also writes out/.truth/cohort.json.
     """
     from tqdm import tqdm
@@ -102,7 +108,7 @@ def write_cohort(out, n=20, seed=paper.SEED, jobs=1, size=DEFAULT_SIZE, force=Fa
     for name in os.listdir(out):                       # folders left by an interrupted run
         if name.startswith(".PHANTOM_") and ".tmp" in name:
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    tasks = [(out, seed, i, size, force, truth_hu) for i in range(n)]
+    tasks = [(out, seed, i, size, force, truth_hu, kind) for i in range(n)]
     results = {}
     bar = tqdm(total=n, desc="phantoms", unit="patient", disable=not progress)
     if jobs > 1 and n > 1:
@@ -138,13 +144,15 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=DEFAULT_SIZE,
                     help="in-plane pixels (default 512; the field of view stays the same)")
     ap.add_argument("--force", action="store_true", help="rewrite patients that are already done")
+    ap.add_argument("--kind", choices=KINDS, help="write every patient in this format (default: the mix above)")
     ap.add_argument("--truth-hu", action="store_true",
                     help="also store the full HU volume in .truth/ (large); by default only its SHA-256")
     args = ap.parse_args(argv)
     if args.n < 1 or args.size < 32:
         ap.error("--n must be >= 1 and --size >= 32")
     t0 = time.time()
-    summaries = write_cohort(args.out, args.n, args.seed, args.jobs, args.size, args.force, args.truth_hu)
+    summaries = write_cohort(args.out, args.n, args.seed, args.jobs, args.size, args.force, args.truth_hu,
+                             kind=args.kind)
     kinds = {k: sum(s["kind"] == k for s in summaries) for k in KINDS}
     print("%d phantoms in %s (%s) in %.1f s" % (len(summaries), args.out,
           ", ".join("%s %d" % kv for kv in kinds.items() if kv[1]), time.time() - t0), file=sys.stderr)
