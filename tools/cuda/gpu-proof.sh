@@ -1,68 +1,66 @@
 #!/usr/bin/env bash
-# The GPU proof (issue 7 part 4), for a machine with an NVIDIA GPU and its driver but without the
-# runtime (no Docker, no internet, any Python): only this checkout and the CUDA Caffe bundle are needed.
+# The GPU proof of the CUDA Caffe bundle, for a machine with an NVIDIA GPU and its driver but without
+# the runtime (no Debian 11 root filesystem, no Docker, no network, any Python): only this checkout, the
+# bundle (make caffe-cuda) and the CUDA runtime libraries are needed.
 #
-#   tools/cuda/gpu-proof.sh [BUNDLE]      (default build/caffe-cuda-sm${CUDA_ARCH:-90}.tar.xz)
+#   tools/cuda/gpu-proof.sh [--cpu] [BUNDLE] [-- GPU_PROOF_OPTIONS]
+#                 (BUNDLE default build/caffe-cuda-sm${CUDA_ARCH:-90}.tar.xz)
 #
-#   (a)+(b) tools/cuda/gpu_proof.py: CPU vs GPU losses on a net without dropout, then TS-FCN on the GPU
-#           with the Python loss vs InfogainLoss from the same seed;
-#   (c)     tools/bench's net stages on the GPU (train and forward timings: the ms per iteration),
-#           `caffe time` of the TS-FCN train net, and, where PROOF_DATA names a DATA folder made by
-#           `make data` (e.g. a small phantom cohort), a fast-profile training of fold 0 on the GPU.
-# Everything goes to $OUT (default runs/gpu-proof): gpu-proof.log, gpu.csv, device_query.txt,
-# cuda-libs.txt, gpu_proof.json, bench.json, caffe-time.txt, train-fast/. Exit status: 0 when (a), (b)
-# and the benchmark passed.
-# Settings: GPU (id, default 0), CUDA_ARCH (90), TSFCN_CUDA_LIBS (dirs with the CUDA 13 libraries, when
-# they are not found by themselves; see tools/cuda/use-bundle.sh), PROOF_DATA, PROOF_ITERS (50).
+# It unpacks the bundle, finds the CUDA libraries (tools/cuda/use-bundle.sh: TSFCN_CUDA_LIBS, CUDA_HOME,
+# /usr/local/cuda*, the nvidia-* pip wheels of any python3, ldconfig), checks the GPU with `caffe
+# device_query` (one line and exit 1 when there is none), then runs tools/cuda/gpu_proof.py with the
+# bundle's own Python 3.9: CPU vs GPU losses (20 iterations, no dropout), Python loss vs InfogainLoss on
+# the GPU (100 TS-FCN iterations), `caffe time` at batch 1, 1000 fast-profile iterations on phantoms it
+# makes itself (wall time, Dice), the paper profile's expected hours. About 5 minutes on an H100.
+# --cpu: the CPU half, everything that needs no GPU, at smoke-test sizes (a couple of minutes on 2 cores).
+# Results: $OUT (default runs/gpu-proof): gpu_proof.json (everything), gpu-proof.log, train-fast/.
+# Settings: GPU (id, default 0), CUDA_ARCH (90), OUT, TSFCN_CUDA_LIBS (dirs with libcudart.so.13,
+# libcublas.so.13, libcublasLt.so.13, libcurand.so.10 when they are not found by themselves: e.g.
+# `bash tools/cuda/cuda-from-pypi.sh runtime DIR` on a machine with network, then copy DIR).
+# Exit status: 0 when every check passed.
 set -uo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 repo=$PWD
+cpu=0
+bundle=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu) cpu=1 ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; break ;;
+        -*) usage >&2; exit 2 ;;
+        *) bundle=$1 ;;
+    esac
+    shift
+done
 out=${OUT:-runs/gpu-proof}
 gpu=${GPU:-0}
 arch=${CUDA_ARCH:-90}
-bundle=${1:-build/caffe-cuda-sm$arch.tar.xz}
-mkdir -p "$out"
+bundle=${bundle:-build/caffe-cuda-sm$arch.tar.xz}
+mkdir -p "$out" || exit 1
 exec > >(tee "$out/gpu-proof.log") 2>&1
 t0=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - t0 )) s] $*"; }
-status=0
 
 step "bundle $bundle"
-dir=$(bash tools/cuda/use-bundle.sh unpack "$bundle" --dest "${TMPDIR:-/tmp}/ts-fcn-caffe-cuda-sm$arch") || exit 1
-bash tools/cuda/use-bundle.sh cuda-libs --dir "$dir" | tee "$out/cuda-libs.txt"
+dir=$(bash tools/cuda/use-bundle.sh unpack "$bundle" --dest "${TMPDIR:-/tmp}/ts-fcn-$(basename "$bundle" .tar.xz)") || exit 1
+bash tools/cuda/use-bundle.sh cuda-libs --dir "$dir"
 eval "$(bash tools/cuda/use-bundle.sh env --dir "$dir" --portable)"
-export PYTHONPATH="$PYTHONPATH:$repo/layers:$repo" MPLBACKEND=Agg GLOG_minloglevel=1 PYTHONDONTWRITEBYTECODE=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.csv" || true
-caffe device_query -gpu "$gpu" >"$out/device_query.txt" 2>&1 || { cat "$out/device_query.txt"; exit 1; }
-grep -E "Name|Major|Minor" "$out/device_query.txt"
+# The bundle's Python, nothing of this machine's: its own modules plus the checkout.
+export PYTHONPATH="$TSFCN_CUDA_PY:$repo/layers:$repo" PYTHONNOUSERSITE=1 MPLBACKEND=Agg GLOG_minloglevel=1 \
+    PYTHONDONTWRITEBYTECODE=1
+python3 -c 'import sys; assert sys.executable.startswith(sys.argv[1]), sys.executable' "$dir" ||
+    { echo "gpu-proof: python3 is not the bundle's"; exit 1; }
 
-step "(a) CPU vs GPU, (b) Python loss vs InfogainLoss on the GPU"
-timeout 600 python3 -m tools.cuda.gpu_proof --gpu "$gpu" --iters "${PROOF_ITERS:-50}" --out "$out" || status=1
-
-step "(c) benchmark: tools.bench net stages on GPU $gpu"
-timeout 600 python3 -m tools.bench --gpu "$gpu" --only machine,flops,train,forward --out "$out/bench.json" || status=1
-
-step "(c) caffe time: TS-FCN train net (batch 1, Python loss), 200 iterations"
-tmp=$(mktemp -d)
-python3 - "$tmp" <<'EOF' && (cd "$tmp" && timeout 300 caffe time -model train.prototxt -gpu "$gpu" -iterations 200) >"$out/caffe-time.txt" 2>&1 || status=1
-import os, sys
-from tools.cuda import gpu_proof
-from prototxt import net
-src = gpu_proof.synthetic_h5(sys.argv[1], 8, 100, scale=10.0)
-net.write(os.path.join(sys.argv[1], "train.prototxt"), split="train", train_source=src)
-EOF
-grep -E "Average (Forward|Backward|Forward-Backward)" "$out/caffe-time.txt" || tail -5 "$out/caffe-time.txt"
-rm -rf "$tmp"
-
-if [ -n "${PROOF_DATA:-}" ] && [ -f "$PROOF_DATA/manifest.json" ]; then
-    step "(c) fast-profile training of fold 0 on GPU $gpu (DATA $PROOF_DATA)"
-    s=$SECONDS
-    timeout 900 python3 -m tools.train --fold 0 --data "$PROOF_DATA" --run "$out/train-fast" \
-        --profile fast --gpu "$gpu" --restart || status=1
-    echo "fast-profile training: $((SECONDS - s)) s wall" | tee "$out/train-fast.time"
-else
-    step "(c) fast-profile training skipped: set PROOF_DATA to a DATA folder (make phantoms N=5 && make data)"
+if [ "$cpu" = 1 ]; then
+    step "CPU half: every step on the CPU at smoke-test sizes"
+    exec python3 -m tools.cuda.gpu_proof --cpu --out "$out" "$@"
 fi
-
-step "done (status $status); results in $out"
+step "GPU $gpu"
+bash tools/cuda/use-bundle.sh check --dir "$dir" --gpu "$gpu" || exit 1
+step "the proof (tools/cuda/gpu_proof.py) on GPU $gpu"
+timeout 900 python3 -m tools.cuda.gpu_proof --gpu "$gpu" --out "$out" "$@"
+status=$?
+step "done (status $status) in $(( $(date +%s) - t0 )) s; results in $out/gpu_proof.json"
 exit $status

@@ -10,7 +10,8 @@
 #                                                 --stage: link/copy those CUDA libraries into DIR/host-cuda
 #                                                 first, for a chroot that sees only DIR (runtime.sh).
 #   use-bundle.sh cuda-libs [--dir DIR]           where each CUDA library the bundle needs was found
-#   use-bundle.sh check [--dir DIR] [--gpu N]     caffe device_query and pycaffe in GPU mode
+#   use-bundle.sh check [--dir DIR] [--gpu N]     caffe device_query and pycaffe in GPU mode; without a
+#                                                 usable GPU: one line saying why, exit status 1
 #   use-bundle.sh --help
 #
 # The CUDA libraries (libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10, the driver's
@@ -139,9 +140,30 @@ do_check() {
     local dir="" gpu=0
     while [ $# -gt 0 ]; do case "$1" in --dir) dir=$2; shift ;; --gpu) gpu=$2; shift ;; esac; shift; done
     dir=${dir:-$(default_dir)}
-    eval "$(do_env --dir "$dir" --portable)"
-    caffe device_query -gpu "$gpu" 2>&1 | grep -E 'Name|Major|Minor|Total global' || die "caffe device_query failed"
+    # The bundle's own Python where it still has one (the GPU image drops it for the system's).
+    eval "$(do_env --dir "$dir" $([ -x "$dir/py/python3" ] && echo --portable))"
+    local out rc=0
+    out=$(GLOG_minloglevel=0 GLOG_logtostderr=1 caffe device_query -gpu "$gpu" 2>&1) || rc=$?
+    if [ "$rc" != 0 ]; then
+        # Caffe aborts through glog with a stack trace: one line instead, with what it means.
+        local why hint=""
+        why=$(sed -n 's/^.*Check failed: //p' <<<"$out" | head -1 | tr -s ' ')
+        [ -n "$why" ] || why=$(grep -v '^\s*@\|^\*\*\*' <<<"$out" | tail -1)
+        case "$(find_libs "$dir" | awk '$1 == "libcuda.so.1" { print $2 }')" in
+            "") hint="; no NVIDIA driver here (libcuda.so.1 not found)" ;;
+            *) hint="; the driver must support CUDA $(cuda_major "$dir") (nvidia-smi shows it)" ;;
+        esac
+        case "$out" in *"no CUDA-capable device"*) hint="; the driver sees no GPU" ;; esac
+        die "GPU $gpu is not usable: caffe device_query failed (exit $rc): ${why:-no output}$hint"
+    fi
+    grep -E 'Name|Major|Minor|Total global' <<<"$out" | sed 's/^.*\] *//'
     python3 -c "import caffe, sys; caffe.set_device($gpu); caffe.set_mode_gpu(); print('pycaffe GPU mode ok', caffe.__file__, sys.version.split()[0])"
+}
+
+# The CUDA major version the bundle was built with.
+cuda_major() {
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["cuda_built_with"].split(".")[0])' \
+        "$1/BUNDLE.json" 2>/dev/null || echo 13
 }
 
 cmd=${1:---help}
