@@ -71,10 +71,10 @@ scheduled = $(if $(filter-out slurm,$(SCHEDULER)),$(error SCHEDULER=$(SCHEDULER)
   0,$(WAIT)),--wait) --,$(IN_RUNTIME) $(PY))
 
 .PHONY: help env runtime exec test demo phantoms data prototxt weights train eval cv ablation recipe segment bench \
-        docker docker-test caffe-cuda clean
+        docker docker-test docker-test-gpu caffe-cuda clean
 
 help: ## this list
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 17
 
 env: runtime ## make the Caffe runtime (Debian 11 + BVLC Caffe 1.0), once; prints the BLAS core and math chosen
 	@$(IN_RUNTIME) $(PY) -m tools.runtime.blas_core --report
@@ -171,6 +171,9 @@ docker: ## build the CPU image ts-fcn:cpu (Docker)
 
 docker-test: runtime ## build the image with podman (no Docker engine or registry needed) and run make test in it
 	bash tools/runtime/podman-test.sh
+
+docker-test-gpu: runtime ## [BUNDLE=build/ CUDA_ARCH=90]: build the GPU image with podman (CUDA from PyPI; with BUNDLE the bundle of make caffe-cuda, else a compile) and test it without a GPU
+	bash tools/runtime/podman-test.sh --gpu $(call opt,--bundle,BUNDLE)
 
 caffe-cuda: runtime ## [CUDA_ARCH=90]: build Caffe with CUDA for current GPUs, as a relocatable bundle
 	bash tools/cuda/build-caffe-cuda.sh $(call q,$(or $(CUDA_ARCH),90))

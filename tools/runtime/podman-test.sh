@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# Builds the CPU Docker image with podman and runs the test suite inside it (CI's container check).
+# Builds the CPU Docker image (or with --gpu the GPU image) with podman and runs a check inside it (CI's
+# container checks: `make docker-test`, `make docker-test-gpu`).
 #
 # Works on Debian 12 as root with no Docker engine and no registry:
 #  - the base image debian:bullseye-slim is imported from the runtime's pristine debootstrap tarball
 #    (made by `make env`), unless the image is already there (or a registry provides it: PULL=1);
 #  - runc instead of crun ("cgroups in hybrid mode not supported"), raised ulimits (the hard open-files
 #    limit is 20000 here), --root/--runroot on the command line (a custom storage.conf cost 20 s a run).
-# Usage: podman-test.sh [COMMAND...]   (default: make test)
+# Usage: podman-test.sh [COMMAND...]                 the CPU image ts-fcn:cpu; default COMMAND: make test
+#        podman-test.sh --gpu [--bundle DIR] [COMMAND...]
+#            the GPU image ts-fcn:gpu (Dockerfile.gpu): with --bundle, it takes DIR/caffe-cuda-sm90.tar.xz
+#            (make caffe-cuda) instead of compiling Caffe; the CUDA wheels of $TSFCN_CUDA_WHEELS (default
+#            /var/cache/ts-fcn/cuda-wheels), when there, instead of downloading them. Default COMMAND:
+#            bash tools/cuda/gpu-image-test.sh (what the image must do without a GPU).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-image=${IMAGE:-ts-fcn:cpu}
+gpu=0
+bundle=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --gpu) gpu=1 ;;
+        --bundle) bundle=$2; shift ;;
+        --bundle=*) bundle=${1#--bundle=} ;;
+        *) break ;;
+    esac
+    shift
+done
+if [ "$gpu" = 1 ]; then image=${IMAGE:-ts-fcn:gpu}; else image=${IMAGE:-ts-fcn:cpu}; fi
 store=${TSFCN_PODMAN_ROOT:-/var/cache/ts-fcn/podman}
 rootfs=${TSFCN_ROOTFS:-/var/cache/ts-fcn/bullseye-$(uname -m)}
 log() { echo "[podman-test] $*" >&2; }
@@ -39,12 +56,30 @@ cert_args=()
 if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
     cert_args=(-v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt)
 fi
+build_args=()
+if [ "$gpu" = 1 ]; then
+    build_args=(-f "$repo/Dockerfile.gpu")
+    if [ -n "$bundle" ]; then
+        [ -d "$bundle" ] || { log "--bundle $bundle: not a folder (give the folder of caffe-cuda-sm*.tar.xz)"; exit 1; }
+        bundle=$(cd "$bundle" && pwd)
+        ls "$bundle"/caffe-cuda-sm*.tar.xz >/dev/null 2>&1 || { log "no caffe-cuda-sm*.tar.xz in $bundle"; exit 1; }
+        log "the bundle from $bundle (no compile)"
+        build_args+=(--build-context "bundle=$bundle")
+    else
+        log "no --bundle: the image compiles Caffe (~25 min on 2 cores)"
+    fi
+    wheels=${TSFCN_CUDA_WHEELS:-/var/cache/ts-fcn/cuda-wheels}
+    if ls "$wheels"/nvidia_*.whl >/dev/null 2>&1; then build_args+=(--build-context "wheels=$wheels"); fi
+    [ -z "${CUDA_ARCH:-}" ] || build_args+=(--build-arg "CUDA_ARCH=$CUDA_ARCH")
+fi
 log "building $image"
-pm build --pull=never "${cert_args[@]}" -t "$image" "$repo"
+pm build --pull=never "${cert_args[@]}" "${build_args[@]}" -t "$image" "$repo"
 log "image built in $((SECONDS - t0)) s"
 
 t0=$SECONDS
-[ $# -gt 0 ] || set -- make test
+if [ $# -eq 0 ]; then
+    if [ "$gpu" = 1 ]; then set -- bash tools/cuda/gpu-image-test.sh; else set -- make test; fi
+fi
 log "running in $image: $*"
 pm run --rm --ulimit nofile=20000:20000 --ulimit nproc=20000:20000 ${CI:+-e CI=$CI} "$image" "$@"
 log "container run done in $((SECONDS - t0)) s"
