@@ -9,8 +9,8 @@
 #    limit is 20000 here), --root/--runroot on the command line (a custom storage.conf cost 20 s a run).
 # Usage: podman-test.sh [COMMAND...]                 the CPU image ts-fcn:cpu; default COMMAND: make test
 #        podman-test.sh --gpu [--bundle DIR] [COMMAND...]
-#            the GPU image ts-fcn:gpu (Dockerfile.gpu): with --bundle, it takes DIR/caffe-cuda-sm90.tar.xz
-#            (make caffe-cuda) instead of compiling Caffe; the CUDA wheels of $TSFCN_CUDA_WHEELS (default
+#            the GPU image ts-fcn:gpu (Dockerfile.gpu): with --bundle (a folder or the file), it takes
+#            caffe-cuda-sm90.tar.xz (make caffe-cuda) instead of compiling Caffe; the CUDA wheels of $TSFCN_CUDA_WHEELS (default
 #            /var/cache/ts-fcn/cuda-wheels), when there, instead of downloading them. Default COMMAND:
 #            bash tools/cuda/gpu-image-test.sh (what the image must do without a GPU).
 set -euo pipefail
@@ -60,16 +60,29 @@ build_args=()
 if [ "$gpu" = 1 ]; then
     build_args=(-f "$repo/Dockerfile.gpu")
     if [ -n "$bundle" ]; then
-        [ -d "$bundle" ] || { log "--bundle $bundle: not a folder (give the folder of caffe-cuda-sm*.tar.xz)"; exit 1; }
-        bundle=$(cd "$bundle" && pwd)
-        ls "$bundle"/caffe-cuda-sm*.tar.xz >/dev/null 2>&1 || { log "no caffe-cuda-sm*.tar.xz in $bundle"; exit 1; }
-        log "the bundle from $bundle (no compile)"
-        build_args+=(--build-context "bundle=$bundle")
+        # The build context is the bundle alone (not the rest of its folder, e.g. build/cuda-runtime).
+        if [ -d "$bundle" ]; then files=("$bundle"/caffe-cuda-sm*.tar.xz); else files=("$bundle"); fi
+        [ -f "${files[0]}" ] || { log "no bundle caffe-cuda-sm*.tar.xz at $bundle (make caffe-cuda makes it)"; exit 1; }
+        context=$(mktemp -d)
+        cp -l "${files[@]}" "$context/" 2>/dev/null || cp "${files[@]}" "$context/"
+        log "the bundle $(cd "$context" && ls) (no compile)"
+        build_args+=(--build-context "bundle=$context")
     else
         log "no --bundle: the image compiles Caffe (~25 min on 2 cores)"
     fi
+    # The pinned CUDA wheels already downloaded (tools/cuda/cuda-from-pypi.sh), and only those.
     wheels=${TSFCN_CUDA_WHEELS:-/var/cache/ts-fcn/cuda-wheels}
-    if ls "$wheels"/nvidia_*.whl >/dev/null 2>&1; then build_args+=(--build-context "wheels=$wheels"); fi
+    wheel_context=$(mktemp -d)
+    trap 'rm -rf "${context:-}" "$wheel_context"' EXIT
+    for req in $(bash "$repo/tools/cuda/cuda-from-pypi.sh" requirements toolkit); do
+        for w in "$wheels/$(sed 's/-/_/g; s/==/-/' <<<"$req")"-*.whl; do
+            [ -f "$w" ] && { cp -l "$w" "$wheel_context/" 2>/dev/null || cp "$w" "$wheel_context/"; }
+        done
+    done
+    if ls "$wheel_context"/*.whl >/dev/null 2>&1; then
+        log "CUDA wheels from $wheels: $(ls "$wheel_context" | wc -l) of $(bash "$repo/tools/cuda/cuda-from-pypi.sh" requirements toolkit | wc -l)"
+        build_args+=(--build-context "wheels=$wheel_context")
+    fi
     [ -z "${CUDA_ARCH:-}" ] || build_args+=(--build-arg "CUDA_ARCH=$CUDA_ARCH")
 fi
 log "building $image"
