@@ -252,3 +252,18 @@ def test_cli_writes_cohort_and_truth_then_skips_done(tmp_path):
     # nothing in the patient folders names the patient's input folder
     for f in glob.glob(os.path.join(out, "PHANTOM_0*", "**", "*"), recursive=True):
         assert "PHANTOM_0" not in os.path.basename(f)
+
+
+def test_one_kind_for_every_patient_same_anatomy(tmp_path):
+    out = str(tmp_path / "raw")
+    mixed = str(tmp_path / "mixed")
+    P.write_cohort(mixed, 3, 2, jobs=1, size=64, progress=False)
+    assert P.main(["--out", out, "--n", "3", "--size", "64", "--jobs", "1", "--seed", "2", "--kind", "rtstruct"]) == 0
+    # PHANTOM_002 is NRRD in the mix; here it is DICOM CT + RTSTRUCT, with the same mask
+    files = glob.glob(os.path.join(out, "PHANTOM_002", "**", "*"), recursive=True)
+    assert files and not [f for f in files if f.endswith((".nrrd", ".nii", ".nii.gz"))]
+    np.testing.assert_array_equal(P.load_truth(out, 2)["mask"], P.load_truth(mixed, 2)["mask"])
+    assert str(P.load_truth(out, 2)["kind"]) == "rtstruct"
+    # the mix's patients are not taken for done ones of another kind
+    P.write_cohort(mixed, 3, 2, jobs=1, size=64, progress=False, kind="rtstruct")
+    assert not glob.glob(os.path.join(mixed, "PHANTOM_002", "*.nrrd"))
