@@ -84,6 +84,8 @@ def test_cuda_from_pypi_is_one_pinned_release():
     assert r.returncode == 0 and "TSFCN_CUDA_WHEELS" in r.stdout
     r = run("bash", PYPI, "runtime")
     assert r.returncode == 2
+    r = run("bash", PYPI, "download", "nvidia-cublas")                  # unpinned: refused
+    assert r.returncode == 1 and "NAME==VERSION" in r.stdout
 
 
 def _fake_wheels(folder, which):

@@ -106,11 +106,7 @@ py_wheels() {
     mkdir -p "$dest" "$wheels"
     for name in $(sed -n 's/^PY_WHEELS="\(.*\)"/\1/p' "$here/pack-bundle.sh"); do
         req=$(grep -i "^$name==" "$repo/tools/runtime/requirements.txt") || die "$name is not pinned in requirements.txt"
-        if ! ls "$wheels/${name}-${req#*==}-"*.whl >/dev/null 2>&1; then
-            log "downloading $req (pure-Python wheel for the bundle) into $wheels"
-            python3 -m pip download --no-deps --disable-pip-version-check -q -d "$wheels" "$req"
-        fi
-        cp "$wheels/${name}-${req#*==}-"*.whl "$dest/"
+        cp "$(bash "$here/cuda-from-pypi.sh" download "$req")" "$dest/"
     done
 }
 

@@ -11,6 +11,9 @@
 #   cuda-from-pypi.sh requirements [SET]  the pinned pip requirements of SET (toolkit, math or runtime;
 #                                         default runtime), one a line: pip install $(... requirements)
 #   cuda-from-pypi.sh release             the CUDA release (e.g. 13.0.2)
+#   cuda-from-pypi.sh download REQ...     fetch the wheels of pinned requirements NAME==VERSION into
+#                                         $TSFCN_CUDA_WHEELS (also the bundle's pure-Python ones) and
+#                                         print their paths
 #   cuda-from-pypi.sh -h | --help
 #
 # Wheels are fetched once with `python3 -m pip download --no-deps` into $TSFCN_CUDA_WHEELS (default
@@ -52,7 +55,13 @@ fetch() {
     local missing=() r
     for r in "$@"; do [ -n "$(wheel_of "$r")" ] || missing+=("$r"); done
     [ ${#missing[@]} -eq 0 ] && return
-    command -v python3 >/dev/null || die "python3 is needed to fetch the CUDA wheels"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        # A fresh Debian/Ubuntu (CI) has python3 but not pip: its package, when we may install one.
+        [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || die "python3 and pip are needed to fetch the CUDA wheels"
+        log "installing python3-pip (apt-get)"
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            python3-pip ca-certificates; } >/dev/null || die "could not install python3-pip"
+    fi
     mkdir -p "$wheels"
     log "downloading ${missing[*]} into $wheels"
     python3 -m pip download --no-deps --disable-pip-version-check -q -d "$wheels" "${missing[@]}" ||
@@ -120,6 +129,12 @@ case "$cmd" in
         unpack "$cmd" "$2" $(set_of "$cmd") ;;
     requirements) set_of "${2:-runtime}" | tr ' ' '\n' ;;
     release) echo "$RELEASE" ;;
+    download)
+        shift
+        [ $# -gt 0 ] || { usage >&2; exit 2; }
+        for r in "$@"; do [[ "$r" == ?*==?* ]] || die "'$r' is not NAME==VERSION"; done
+        fetch "$@"
+        for r in "$@"; do wheel_of "$r"; done ;;
     -h|--help|help) usage ;;
     *) usage >&2; exit 2 ;;
 esac
