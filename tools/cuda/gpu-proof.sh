@@ -47,9 +47,11 @@ step "bundle $bundle"
 dir=$(bash tools/cuda/use-bundle.sh unpack "$bundle" --dest "${TMPDIR:-/tmp}/ts-fcn-$(basename "$bundle" .tar.xz)") || exit 1
 bash tools/cuda/use-bundle.sh cuda-libs --dir "$dir"
 eval "$(bash tools/cuda/use-bundle.sh env --dir "$dir" --portable)"
-# The bundle's Python, nothing of this machine's: its own modules plus the checkout.
+# The bundle's Python, nothing of this machine's: its own modules plus the checkout (and no library
+# preloaded for another Caffe, such as the runtime's parallel math).
 export PYTHONPATH="$TSFCN_CUDA_PY:$repo/layers:$repo" PYTHONNOUSERSITE=1 MPLBACKEND=Agg GLOG_minloglevel=1 \
     PYTHONDONTWRITEBYTECODE=1
+unset LD_PRELOAD
 python3 -c 'import sys; assert sys.executable.startswith(sys.argv[1]), sys.executable' "$dir" ||
     { echo "gpu-proof: python3 is not the bundle's"; exit 1; }
 

@@ -60,7 +60,8 @@ rm -rf "$dist"/*.dist-info "$dist/pydicom/data/test_files" "$dist/pydicom/tests"
 find "$b/lib" -name __pycache__ -prune -exec rm -rf {} +
 # Tests and docs; scipy's subpackages that nothing here imports (the phantoms use scipy.ndimage, which
 # needs linalg, special, sparse and _lib: 22 of scipy's 60 MB).
-find "$dist" -depth -type d \( -name tests -o -name doc \) -exec rm -rf {} +
+# (Debian's h5py imports its tests package.)
+find "$dist" -depth -type d \( -name tests -o -name doc \) -not -path "$dist/h5py/*" -exec rm -rf {} +
 for sub in "$dist"/scipy/*/; do
     case "$(basename "$sub")" in _lib|linalg|ndimage|sparse|special|_build_utils) ;; *) rm -rf "$sub" ;; esac
 done

@@ -46,7 +46,13 @@ do_unpack() {
     log "unpacking $bundle into $dest"
     mkdir -p "$(dirname "$dest")"
     local tmp; tmp=$(mktemp -d "$(dirname "$dest")/.unpack.XXXXXX")
-    tar -C "$tmp" -xJf "$bundle"
+    if command -v xz >/dev/null; then
+        tar -C "$tmp" -xJf "$bundle"
+    elif command -v python3 >/dev/null; then    # no xz-utils (a minimal system): Python's lzma
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$bundle" "$tmp"
+    else
+        rm -rf "$tmp"; die "unpacking $bundle needs xz (xz-utils) or python3"
+    fi || { rm -rf "$tmp"; die "could not unpack $bundle"; }
     local top; top=$(ls "$tmp")
     [ -f "$tmp/$top/BUNDLE.json" ] || { rm -rf "$tmp"; die "$bundle is not a CUDA Caffe bundle"; }
     echo "$sum" >"$tmp/$top/.bundle-sha"
