@@ -10,8 +10,9 @@
 # /usr/local/cuda*, the nvidia-* pip wheels of any python3, ldconfig), checks the GPU with `caffe
 # device_query` (one line and exit 1 when there is none), then runs tools/cuda/gpu_proof.py with the
 # bundle's own Python 3.9: CPU vs GPU losses (20 iterations, no dropout), Python loss vs InfogainLoss on
-# the GPU (100 TS-FCN iterations), `caffe time` at batch 1, 1000 fast-profile iterations on phantoms it
-# makes itself (wall time, Dice), the paper profile's expected hours. About 5 minutes on an H100.
+# the GPU (100 TS-FCN iterations), `caffe time` at batch 1, the fast profile (its narrow start, then
+# 1000 iterations) on phantoms it makes itself (wall time, Dice), the paper profile's expected hours.
+# Written for <= 8 minutes on a current GPU (not yet run on one).
 # --cpu: the CPU half, everything that needs no GPU, at smoke-test sizes (a couple of minutes on 2 cores).
 # Results: $OUT (default runs/gpu-proof): gpu_proof.json (everything), gpu-proof.log, train-fast/.
 # Settings: GPU (id, default 0), CUDA_ARCH (90), OUT, TSFCN_CUDA_LIBS (dirs with libcudart.so.13,

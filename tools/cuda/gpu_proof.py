@@ -13,8 +13,8 @@ One JSON, OUT/gpu_proof.json, with:
                  forward-backward ms per iteration.
   fast_training  phantoms made here (data_prep.phantoms, DICOM CT + RTSTRUCT) -> `make data`'s
                  data_prep.make_data (the same crop, augmentation and HDF5 code) -> tools.train with the
-                 fast profile and --max-iter 1000 on fold 0: wall time, seconds per iteration and the
-                 validation 3D Dice.
+                 fast profile on fold 0 (its narrow start, then --max-iter 1000 of the full net): wall
+                 time, seconds per iteration of the full net and the validation 3D Dice.
   paper_estimate the paper profile's iterations for that data (5 epochs; make_solver's epoch size) and
                  its expected hours at the measured seconds per iteration.
 --cpu runs the same steps on the CPU at smoke-test sizes (no GPU comparison: cpu_vs_gpu keeps the CPU
@@ -49,10 +49,11 @@ from tools import caffe_net
 # Sizes of each step: on the GPU (the proof) and on the CPU half (a smoke test of the same code).
 SIZES = {
     "gpu": {"compare_iters": 20, "loss_iters": 100, "time_iters": 50, "max_iter": 1000, "validate_every": 250,
-            "patients": 6, "folds": 3, "size": 512, "fc_channels": None},
+            "patients": 6, "folds": 3, "size": 512, "fc_channels": None, "narrow_start": None},
     "cpu": {"compare_iters": 3, "loss_iters": 2, "time_iters": 1, "max_iter": 4, "validate_every": 4,
-            "patients": 3, "folds": 3, "size": 192, "fc_channels": 64},
+            "patients": 3, "folds": 3, "size": 192, "fc_channels": 64, "narrow_start": "none"},
 }
+# (narrow_start None: the fast profile's own narrow start; "none": without one, as tools.train --narrow-start.)
 PHANTOM_KIND = "rtstruct"       # DICOM CT + RTSTRUCT: the readers need pydicom only
 FOLD = 0
 
@@ -225,13 +226,15 @@ def make_phantom_data(work, patients, folds, size, seed=paper.SEED):
     return data, time.time() - t0
 
 
-def fast_training(data, run, gpu, max_iter, validate_every, fc_channels=None):
-    """tools.train, fast profile, fold 0, --max-iter: wall time, seconds per iteration, validation 3D Dice."""
+def fast_training(data, run, gpu, max_iter, validate_every, fc_channels=None, narrow_start=None):
+    """tools.train, fast profile, fold 0, --max-iter (after the profile's narrow start, unless narrow_start
+    overrides it): wall time, seconds per iteration, validation 3D Dice."""
     cmd = [sys.executable, "-m", "tools.train", "--fold", str(FOLD), "--data", data, "--run", run,
            "--profile", "fast", "--max-iter", str(max_iter), "--validate-every", str(validate_every),
            "--restart", "--quiet"]
     cmd += [] if gpu is None else ["--gpu", str(gpu)]
     cmd += [] if fc_channels is None else ["--fc-channels", str(fc_channels)]
+    cmd += [] if narrow_start is None else ["--narrow-start", narrow_start]
     t0 = time.time()
     rc, out = _run(cmd)
     wall = time.time() - t0
@@ -243,6 +246,8 @@ def fast_training(data, run, gpu, max_iter, validate_every, fc_channels=None):
             m = json.load(f)
         result.update({k: m.get(k) for k in ("iterations", "train_seconds", "seconds_per_iteration", "mean_dice_3d",
                                             "sd_dice_3d", "ceiling_dice_3d", "weights")})
+        with open(os.path.join(run, "run.json")) as f:
+            result["narrow_start"] = json.load(f).get("narrow_start")     # [channels, iterations, lr] or None
         result["dice_3d_per_patient"] = {pid: v.get("dice_3d") for pid, v in m.get("per_patient", {}).items()}
     else:
         result["passed"] = False
@@ -276,7 +281,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="folder for gpu_proof.json (and the training run)")
     ap.add_argument("--keep", action="store_true", help="keep the phantoms and the data under OUT/work")
     for key, value in SIZES["gpu"].items():
-        if key != "fc_channels":
+        if key not in ("fc_channels", "narrow_start"):
             ap.add_argument("--" + key.replace("_", "-"), type=int,
                             help="default %d on the GPU, %d on the CPU half" % (value, SIZES["cpu"][key]))
     args = ap.parse_args(argv)
@@ -316,7 +321,7 @@ def main(argv=None):
         data = result["phantom_data"].get("data")
         if data:
             step("fast_training", fast_training, data, os.path.join(args.out, "train-fast"), gpu, sizes["max_iter"],
-                 sizes["validate_every"], fc_channels=sizes["fc_channels"])
+                 sizes["validate_every"], fc_channels=sizes["fc_channels"], narrow_start=sizes["narrow_start"])
             step("paper_estimate", paper_estimate, data, result["fast_training"].get("seconds_per_iteration"))
     finally:
         if not args.keep:
