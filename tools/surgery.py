@@ -186,8 +186,8 @@ def widen(dst_net, src_net, noise=0.0, seed=paper.SEED):
     k mod n; where a layer's input channels were widened by r, its weights are the source's divided by r
     (the r copies of each input sum to the original). `noise`: Gaussian noise, relative to each source
     weight blob's sd, added to the copies beyond the first (copies of a unit would otherwise get the same
-    gradients forever; biases get none). Returns the names of the widened layers. SurgeryError, before changing anything,
-    for a missing layer or a shape that is not a whole multiple of the source's."""
+    gradients forever; biases get none). Returns the names of the widened layers. SurgeryError, before
+    changing anything, for a missing layer or a shape that is not a whole multiple of the source's."""
     plan = []
     for name, dst_blobs in dst_net.params.items():
         if name not in src_net.params:
