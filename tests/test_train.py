@@ -72,8 +72,12 @@ def test_interrupt_kill_and_resume_keep_iteration_and_lr(tmp_path):
     out = p.communicate(timeout=60)[0]
     assert "resumed from snapshots/ts_fcn_iter_%d.solverstate" % stopped in out
     assert os.path.exists(os.path.join(run, "snapshots", "ts_fcn_iter_6.solverstate"))
-    # 3. resume from iteration 6 with Caffe's own log on: its iterations and lr continue the schedule.
-    r = subprocess.run(_train_cmd(data, run, *(base + ["--display", "1"])), stdout=subprocess.PIPE,
+    # --keep-snapshots 1 (the default): the older snapshot went once 6 was written.
+    assert _snapshot_iterations(run) == [6], os.listdir(os.path.join(run, "snapshots"))
+    # 3. resume from iteration 6 with Caffe's own log on: its iterations and lr continue the schedule;
+    #    --keep-snapshots 0 keeps every snapshot.
+    r = subprocess.run(_train_cmd(data, run, *(base + ["--display", "1", "--keep-snapshots", "0"])),
+                       stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, universal_newlines=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:]
     assert "resumed from snapshots/ts_fcn_iter_6.solverstate" in r.stdout
@@ -90,8 +94,17 @@ def test_interrupt_kill_and_resume_keep_iteration_and_lr(tmp_path):
     assert float(rows[-1]["lr"]) == pytest.approx(paper.BASE_LR * paper.LR_GAMMA)
     metrics = json.load(open(os.path.join(run, "metrics.json")))
     assert metrics["iterations"] == 11 and metrics["profile"] == "paper"
-    assert os.path.getsize(os.path.join(run, "final.caffemodel")) == os.path.getsize(
-        os.path.join(run, "snapshots", "ts_fcn_iter_11.caffemodel"))
+    assert _snapshot_iterations(run) == [6, 9, 11]
+    # final.caffemodel is the last snapshot's file itself (a hard link: no second copy on disk).
+    assert os.path.samefile(os.path.join(run, "final.caffemodel"),
+                            os.path.join(run, "snapshots", "ts_fcn_iter_11.caffemodel"))
+
+
+def _snapshot_iterations(run):
+    """The iterations of RUN/snapshots with a caffemodel and a solverstate."""
+    names = os.listdir(os.path.join(run, "snapshots"))
+    return sorted(int(m.group(1)) for m in (re.match(r"ts_fcn_iter_(\d+)\.solverstate$", n) for n in names)
+                  if m and "ts_fcn_iter_%s.caffemodel" % m.group(1) in names)
 
 
 def _train_phantoms(data, run, fold, *extra, timeout=300):

@@ -232,6 +232,22 @@ def latest_solverstate(run):
     return max(states, key=snapshot_iteration) if states else None
 
 
+def prune_snapshots(run, keep):
+    """Deletes every snapshot (caffemodel, solverstate, averaged weights) but the `keep` latest complete ones
+    (0 keeps all); returns the iterations deleted. A 4096-channel snapshot is 0.8 GB with its Adam state."""
+    if keep <= 0:
+        return []
+    iterations = sorted(snapshot_iteration(p) for p in glob.glob(snapshot_prefix(run) + "_iter_*.solverstate")
+                        if os.path.exists(p[:-len(".solverstate")] + ".caffemodel"))
+    gone = iterations[:-keep]
+    for it in gone:
+        for path in ("%s_iter_%d.caffemodel" % (snapshot_prefix(run), it),
+                     "%s_iter_%d.solverstate" % (snapshot_prefix(run), it), average_path(run, it)):
+            if os.path.exists(path):
+                os.remove(path)
+    return gone
+
+
 def average_path(run, iteration):
     """The averaged weights (tools/averaging.py) saved beside the snapshot of `iteration`."""
     return "%s_iter_%d.average.caffemodel" % (snapshot_prefix(run), iteration)
