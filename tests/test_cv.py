@@ -22,6 +22,19 @@ def _metrics(run, per, profile="fast", ceiling=0.95):
                    "per_patient": {p: {"dice_3d": d, "ceiling_dice_3d": ceiling} for p, d in per.items()}}, f)
 
 
+def test_a_stopped_training_run_ends_ablation_and_recipe_with_one_line(tmp_path, monkeypatch, capsys):
+    """An interrupted train.py (exit 130) ends `make ablation` / `make recipe` with its exit status and one line
+    saying the same command resumes, not a traceback."""
+    monkeypatch.setattr(ablation.train_tool, "command",
+                        lambda *args, **kw: [sys.executable, "-c", "raise SystemExit(130)"])
+    with pytest.raises(SystemExit) as e:
+        ablation.train(str(tmp_path / "data"), str(tmp_path / "run"), 0, "fast", 0, [])
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: the training run %s stopped (exit status 130); the same command resumes it"
+                   % (tmp_path / "run")]
+
+
 def test_cv_table(tmp_path):
     runs = str(tmp_path)
     _metrics(os.path.join(runs, "fold0"), {"P001": 0.8, "P002": 0.6})

@@ -59,10 +59,16 @@ def make_data(raw, data, data_args, folds, seed, jobs):
 
 
 def train(data, run, fold, profile, seed, extra, gpu=None):
+    """One tools/train.py run; its seconds. A run that stops (an interruption: exit 130; an error) ends this
+    tool with one line and train.py's exit status: the same command resumes it from its snapshot."""
     cmd = train_tool.command(fold, data, run, profile, seed=seed, gpu=gpu, extra=extra)
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        print("error: the training run %s stopped (exit status %d); the same command resumes it" % (run, rc),
+              file=sys.stderr)
+        raise SystemExit(rc)
     return time.time() - t0
 
 
@@ -158,11 +164,8 @@ def main(argv=None):
         name, change, data_args, extra = chosen[a.task]
         if not os.path.exists(os.path.join(datas[data_args], "manifest.json")):
             raise SystemExit("error: %s not made yet (tools/ablation.py --prepare-only)" % datas[data_args])
-        try:
-            train(datas[data_args], os.path.join(out, name), a.fold, a.profile, a.seed, extra + train_tool.passthrough(a),
-                  a.gpu)
-        except subprocess.CalledProcessError as e:
-            return e.returncode
+        train(datas[data_args], os.path.join(out, name), a.fold, a.profile, a.seed, extra + train_tool.passthrough(a),
+              a.gpu)
         return 0
     if not a.summary_only:
         for data_args in datas:
