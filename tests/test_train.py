@@ -233,7 +233,8 @@ def test_weight_average_is_kept_resumed_and_becomes_the_model(tmp_path):
     data = tiny_data.make(str(tmp_path / "data"), patients=5, slices=1, size=paper.INPUT_SIZE)
     run = str(tmp_path / "run")
     cmd = _train_cmd(data, run, "--profile", "fast", "--max-iter", "4", "--validate-every", "2",
-                     "--snapshot-every", "2", "--average", "0.5", "--base-lr", "1e-3")
+                     "--snapshot-every", "2", "--average", "0.5", "--base-lr", "1e-3",
+                     "--keep-snapshots", "0")               # the check below reads the snapshot of iteration 3
     r = subprocess.run(cmd + ["--stop-after", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        universal_newlines=True, timeout=300)
     assert r.returncode == 130, r.stdout[-3000:]
