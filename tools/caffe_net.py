@@ -225,11 +225,22 @@ def snapshot_iteration(path):
     return int(m.group(1)) if m else -1
 
 
+def snapshot_path(run, iteration, ext):
+    """RUN/snapshots/ts_fcn_iter_N.<ext>: ext "caffemodel" or "solverstate" (Caffe's), "average.caffemodel"."""
+    return "%s_iter_%d.%s" % (snapshot_prefix(run), iteration, ext)
+
+
+def snapshot_iterations(run):
+    """The iterations of RUN's complete snapshots (solverstate and caffemodel), ascending."""
+    states = glob.glob(snapshot_prefix(run) + "_iter_*.solverstate")
+    return sorted(it for it in map(snapshot_iteration, states)
+                  if os.path.exists(snapshot_path(run, it, "caffemodel")))
+
+
 def latest_solverstate(run):
     """The RUN/snapshots/*.solverstate with the highest iteration (whose caffemodel exists), or None."""
-    states = [p for p in glob.glob(snapshot_prefix(run) + "_iter_*.solverstate")
-              if os.path.exists(p[:-len(".solverstate")] + ".caffemodel")]
-    return max(states, key=snapshot_iteration) if states else None
+    iterations = snapshot_iterations(run)
+    return snapshot_path(run, iterations[-1], "solverstate") if iterations else None
 
 
 def prune_snapshots(run, keep):
@@ -237,17 +248,14 @@ def prune_snapshots(run, keep):
     (0 keeps all); returns the iterations deleted. A 4096-channel snapshot is 0.8 GB with its Adam state."""
     if keep <= 0:
         return []
-    iterations = sorted(snapshot_iteration(p) for p in glob.glob(snapshot_prefix(run) + "_iter_*.solverstate")
-                        if os.path.exists(p[:-len(".solverstate")] + ".caffemodel"))
-    gone = iterations[:-keep]
+    gone = snapshot_iterations(run)[:-keep]
     for it in gone:
-        for path in ("%s_iter_%d.caffemodel" % (snapshot_prefix(run), it),
-                     "%s_iter_%d.solverstate" % (snapshot_prefix(run), it), average_path(run, it)):
-            if os.path.exists(path):
-                os.remove(path)
+        for ext in ("caffemodel", "solverstate", "average.caffemodel"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(snapshot_path(run, it, ext))
     return gone
 
 
 def average_path(run, iteration):
     """The averaged weights (tools/averaging.py) saved beside the snapshot of `iteration`."""
-    return "%s_iter_%d.average.caffemodel" % (snapshot_prefix(run), iteration)
+    return snapshot_path(run, iteration, "average.caffemodel")

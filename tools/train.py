@@ -56,8 +56,8 @@ def log(msg):
 def take_snapshot(solver, run, average=None):
     """solver.snapshot() unless this iteration's files exist (and the averaged weights beside it); returns the
     caffemodel path of the weights the run stands for (the average when there is one)."""
-    model = "%s_iter_%d.caffemodel" % (caffe_net.snapshot_prefix(run), solver.iter)
-    if not (os.path.exists(model) and os.path.exists(model[:-len(".caffemodel")] + ".solverstate")):
+    model = caffe_net.snapshot_path(run, solver.iter, "caffemodel")
+    if not (os.path.exists(model) and os.path.exists(caffe_net.snapshot_path(run, solver.iter, "solverstate"))):
         solver.snapshot()
     if average is None:
         return model
