@@ -40,15 +40,20 @@ def read_list(list_path):
 
 
 def count_images(list_path):
-    """Total rows of 'data' over the HDF5 files of a list (= images Caffe iterates per pass)."""
-    return sum(hdf5_io.count_images(path) for path in read_list(list_path))
+    """Total rows of 'data' over the HDF5 files of a list (= images Caffe iterates per pass; a file listed
+    twice counts twice)."""
+    paths = read_list(list_path)
+    rows = {path: hdf5_io.count_images(path) for path in set(paths)}
+    return sum(rows[path] for path in paths)
 
 
-def epoch_size(data_dir, fold, images_per_iteration=paper.BATCH_SIZE):
-    """Iterations (solver updates) of one epoch for DATA/fold<k> at `images_per_iteration` (batch x iter_size)."""
-    images = count_images(os.path.join(data_dir, "fold%d" % fold, "train.txt"))
+def epoch_size(data_dir, fold, images_per_iteration=paper.BATCH_SIZE, list_path=None):
+    """Iterations (solver updates) of one epoch for DATA/fold<k> at `images_per_iteration` (batch x iter_size);
+    list_path: the list the train net reads, when not the fold's train.txt (tools/sampling.py)."""
+    list_path = list_path or os.path.join(data_dir, "fold%d" % fold, "train.txt")
+    images = count_images(list_path)
     if images == 0:
-        raise ValueError("%s/fold%d/train.txt lists no training images" % (data_dir, fold))
+        raise ValueError("%s lists no training images" % list_path)
     return int(math.ceil(images / float(images_per_iteration)))
 
 

@@ -260,7 +260,7 @@ def test_narrow_start_trains_widens_and_resumes(tmp_path):
     data = tiny_data.make(str(tmp_path / "data"), patients=5, slices=1, size=paper.INPUT_SIZE)
     run = str(tmp_path / "run")
     cmd = _train_cmd(data, run, "--profile", "fast", "--max-iter", "2", "--validate-every", "2",
-                     "--narrow-start", "8,3,1e-3")
+                     "--narrow-start", "8,3,1e-3", "--sampling", "patient")
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:]
     narrow = os.path.join(run, "narrow")
@@ -279,5 +279,10 @@ def test_narrow_start_trains_widens_and_resumes(tmp_path):
     n_it, _, n_mean = figures.fig5_curves(os.path.join(narrow, "train_log.csv"))
     assert n_it[-1] == 3 and os.path.getsize(os.path.join(run, "figures", "fig5_val_dice.png")) > 10000
     assert json.load(open(os.path.join(narrow, "run.json")))["base_lr"] == pytest.approx(1e-3)
+    for folder in (run, narrow):    # --sampling reaches both phases: their train nets read the balanced list
+        assert json.load(open(os.path.join(folder, "run.json")))["sampling"] == "patient"
+        source = os.path.join(folder, "train_patient_balanced.txt")
+        assert 'source: "%s"' % source in open(os.path.join(folder, "train.prototxt")).read()
+        assert len(open(source).read().split()) == 4      # the four training patients, one file each
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
     assert r.returncode == 0 and "narrow start" not in r.stdout, r.stdout[-3000:]

@@ -44,6 +44,8 @@ EXPERIMENTS = (
                                                   "--max-iter", str(4 * FAST["max_iter"])]),
     ("report-weights", "the report's class weights 0.04/0.96, read at p > 0.96 (the prior shift undone)",
      ["--class-weights", "0.04", "0.96", "--decision", "prior"]),
+    ("image-sampling", "every augmented image once per epoch (the report's), not every patient equally often",
+     ["--sampling", "image"]),
     ("no-average", "the raw weights instead of their moving average", ["--average", "0"]),
     ("report-net", "the report's training net: dropout 0.5, conv1-3 at lr x0.1",
      ["--dropout", "0.5", "--pretrained-lr-mult", "0.1"]),

@@ -42,7 +42,7 @@ from tqdm import tqdm
 import atomic
 import paper
 from solver import make_solver, profiles
-from tools import caffe_net, score, validation
+from tools import caffe_net, sampling, score, validation
 from tools.train_log import TrainLog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +142,7 @@ class Stop:
 # Training settings a profile sets and the command line may override (option name = profile key).
 PROFILE_OPTIONS = ("base_lr", "lr_policy", "power", "gamma", "stepsize", "iter_size", "batch_size", "dropout",
                    "class_weights", "momentum2", "pretrained_lr_mult", "average", "decision",
-                   "narrow_start")
+                   "narrow_start", "sampling")
 # Net options recorded in run.json only when they differ from the report (old run.json stay valid).
 NET_DEFAULTS = {"class_weights": list(paper.CLASS_WEIGHTS), "dropout": paper.DROPOUT_RATIO,
                 "batch_size": paper.BATCH_SIZE, "pretrained_lr_mult": paper.PRETRAINED_LR_MULT}
@@ -198,9 +198,12 @@ def prepare(a):
         net_kw["fc_channels"] = a.fc_channels
     if p["decision"] != score.DEFAULT_DECISION:      # caffe test's DiceCounts counts under the run's rule
         net_kw["tumor_threshold"] = score.tumor_threshold(p["decision"], p["class_weights"])
+    source = sampling.train_source(fold_dir, run, p["sampling"], a.seed)
     for split in ("train", "val", "deploy"):
-        netdef.write(os.path.join(run, split + ".prototxt"), split=split, **net_kw)
-    epoch = make_solver.epoch_size(data, a.fold, p["batch_size"] * p["iter_size"])
+        netdef.write(os.path.join(run, split + ".prototxt"), split=split,
+                     **dict(net_kw, **({"train_source": source} if split == "train" else {})))
+    epoch = make_solver.epoch_size(data, a.fold, p["batch_size"] * p["iter_size"],
+                                   list_path=os.path.join(fold_dir, source))
     if a.max_iter:
         p["max_iter"] = a.max_iter
     if a.validate_every:
@@ -219,6 +222,7 @@ def prepare(a):
             "validate_every": int(validate_every), "base_lr": s.base_lr, "seed": a.seed,
             "lr_policy": s.lr_policy, "iter_size": int(p["iter_size"]), "decision": p["decision"],
             "class_weights": p["class_weights"], "average": p["average"], "narrow_start": p["narrow_start"],
+            "sampling": p["sampling"],
             "command": " ".join(shlex.quote(x) for x in ["python3", "-m", "tools.train"] + list(getattr(a, "argv", None) or []))}
     old = caffe_net.run_info(run)
     if old and old.get("net") != net_kw and caffe_net.latest_solverstate(run) and not a.restart:
@@ -510,6 +514,9 @@ def parser():
                     help="how a pixel is called tumor: argmax (the report's) or prior (tumor probability above "
                     "w_tumor / (w_tumor + w_background), undoing the class weights' prior shift); default the "
                     "profile's")
+    ap.add_argument("--sampling", choices=sampling.SAMPLINGS,
+                    help="image: every augmented training image once per epoch (the report's); patient: every "
+                    "training patient equally often (tools/sampling.py); default the profile's")
     ap.add_argument("--seed", type=int, default=paper.SEED, help="Caffe random seed")
     ap.add_argument("--max-iter", type=int, help="override the profile's number of iterations")
     ap.add_argument("--base-lr", type=float, help="override the profile's base learning rate")
