@@ -5,7 +5,8 @@ under both decision rules, precision, recall, predicted/true pixels: tools/train
 OUT/<name>; a finished run is reused and an interrupted one resumes (train.py). The summary reads every run
 folder under OUT (also runs made by hand with train.py) and writes
   OUT/recipe.md          one row per run: its command, the final and best mean 3D Dice under the run's rule and
-                         the other, calibration at the end, iterations, wall seconds per iteration
+                         the other, calibration at the end, iterations (with a narrow start: its iterations and
+                         the widened net's), wall seconds per iteration
   OUT/recipe_curves.png  mean validation 3D Dice against iterations, one curve per run (dashed: under the other
                          decision rule), the ceiling dotted
 
@@ -53,7 +54,9 @@ EXPERIMENTS = (
 
 
 def read_run(run):
-    """(run.json, train_log rows, metrics.json or {}) of a run folder; None when it has no log."""
+    """(run.json, train_log rows, metrics.json or {}) of a run folder; None when it has no log. The rows are
+    those with a validation; with a narrow start (RUN/narrow/) its rows come first and the widened net's
+    iterations are counted on from its last, as Fig. 5 draws them."""
     log = os.path.join(run, "train_log.csv")
     if not os.path.exists(log):
         return None
@@ -62,8 +65,18 @@ def read_run(run):
     if os.path.exists(os.path.join(run, "metrics.json")):
         with open(os.path.join(run, "metrics.json")) as f:
             metrics = json.load(f)
-    rows = [r for r in train_log.read(log) if not np.isnan(r["val_mean_dice_3d"])]
+    rows = validated_rows(log)
+    narrow_log = os.path.join(caffe_net.narrow_run(run), "train_log.csv")
+    if os.path.exists(narrow_log):           # a narrow start: its curve first, the widened net's counted on
+        narrow_rows = validated_rows(narrow_log)
+        offset = narrow_rows[-1]["iteration"] if narrow_rows else 0
+        rows = narrow_rows + [dict(r, iteration=r["iteration"] + offset) for r in rows]
     return info, rows, metrics
+
+
+def validated_rows(log):
+    """The rows of a train_log.csv that hold a validation."""
+    return [r for r in train_log.read(log) if not np.isnan(r["val_mean_dice_3d"])]
 
 
 def summary_row(name, info, rows, metrics):
@@ -134,7 +147,7 @@ def main(argv=None):
     rows = summarize(out)
     if not rows:
         raise SystemExit("error: no run with a train_log.csv under %s" % out)
-    title = "Recipe study of the %s profile: fold %d, seed %d" % (a.profile, a.fold, a.seed)
+    title = "Recipe study of the %s profile: fold %d (each run's seed: its command)" % (a.profile, a.fold)
     atomic.write_text(os.path.join(out, "recipe.md"), markdown(rows, title))
     curves_figure(rows, os.path.join(out, "recipe_curves.png"), title)
     print(markdown(rows, title))
