@@ -34,3 +34,11 @@ def test_run_without_narrow_start_keeps_its_iterations(tmp_path):
     _log(os.path.join(run, "train_log.csv"), [(0, 0.1), (200, 0.6)])
     row = recipe.summarize(str(tmp_path / "out"))[0]
     assert row["curve"][0] == [0, 200] and row["iterations"] == 200
+
+
+def test_seed_experiments_name_one_seed():
+    """An experiment's own --seed replaces the study's (the train.py command names one seed, not two)."""
+    options = dict((name, opts) for name, _, opts in recipe.EXPERIMENTS)
+    assert recipe.split_seed(options["seed1"], 0) == (1, [])
+    assert recipe.split_seed(options["image-sampling"], 3) == (3, ["--sampling", "image"])
+    assert recipe.split_seed(["--max-iter", "5", "--seed", "2", "--quiet"], 0) == (2, ["--max-iter", "5", "--quiet"])

@@ -284,5 +284,8 @@ def test_narrow_start_trains_widens_and_resumes(tmp_path):
         source = os.path.join(folder, "train_patient_balanced.txt")
         assert 'source: "%s"' % source in open(os.path.join(folder, "train.prototxt")).read()
         assert len(open(source).read().split()) == 4      # the four training patients, one file each
+    timing = json.load(open(os.path.join(run, "metrics.json")))["seconds_per_iteration"]
+    assert timing > 0
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
     assert r.returncode == 0 and "narrow start" not in r.stdout, r.stdout[-3000:]
+    assert json.load(open(os.path.join(run, "metrics.json")))["seconds_per_iteration"] == timing   # not 0

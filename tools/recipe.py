@@ -53,6 +53,16 @@ EXPERIMENTS = (
 )
 
 
+def split_seed(options, default):
+    """(the experiment's Caffe seed: its --seed, else `default`; its other options), so that the train.py
+    command names one seed."""
+    options = list(options)
+    if "--seed" not in options:
+        return default, options
+    i = options.index("--seed")
+    return int(options[i + 1]), options[:i] + options[i + 2:]
+
+
 def read_run(run):
     """(run.json, train_log rows, metrics.json or {}) of a run folder; None when it has no log. The rows are
     those with a validation; with a narrow start (RUN/narrow/) its rows come first and the widened net's
@@ -142,8 +152,9 @@ def main(argv=None):
             ap.error("--data is needed to run experiments")
         for name, _, options in EXPERIMENTS:
             if not a.only or name in a.only:
-                ablation.train(os.path.abspath(a.data), os.path.join(out, name), a.fold, a.profile, a.seed,
-                               ["--validate-every", str(a.validate_every), "--quiet"] + list(options))
+                seed, options = split_seed(options, a.seed)
+                ablation.train(os.path.abspath(a.data), os.path.join(out, name), a.fold, a.profile, seed,
+                               ["--validate-every", str(a.validate_every), "--quiet"] + options)
     rows = summarize(out)
     if not rows:
         raise SystemExit("error: no run with a train_log.csv under %s" % out)

@@ -385,16 +385,17 @@ def finish(a, solver, run, model, validate, last, start_iter, elapsed, init, mod
     metrics = dict(summary)
     metrics.update({"per_patient": {pid: {k: v for k, v in s.items() if k != "dice_2d"} for pid, s in per.items()},
                     "profile": a.profile, "iterations": int(solver.iter), "fold": a.fold,
-                    "train_seconds": round(elapsed, 1), "seconds_per_iteration":
-                    round(elapsed / max(1, solver.iter - start_iter), 3), "weights": init, "mode": mode,
-                    "snapshot": os.path.relpath(model, run)})
+                    "weights": init, "mode": mode, "snapshot": os.path.relpath(model, run)})
+    if solver.iter > start_iter:        # a rerun of a finished run keeps the timing of the run that trained
+        metrics.update({"train_seconds": round(elapsed, 1),
+                        "seconds_per_iteration": round(elapsed / (solver.iter - start_iter), 3)})
     narrow = os.path.join(caffe_net.narrow_run(run), "metrics.json")
     if validate.info.get("narrow_start") and os.path.exists(narrow):
         with open(narrow) as f:
             m = json.load(f)
         channels, _, lr = validate.info["narrow_start"]
         metrics["narrow_start"] = {"fc_channels": channels, "base_lr": lr, "iterations": m["iterations"],
-                                   "train_seconds": m["train_seconds"], "mean_dice_3d": m["mean_dice_3d"]}
+                                   "train_seconds": m.get("train_seconds"), "mean_dice_3d": m["mean_dice_3d"]}
     caffe_net.merge_json(os.path.join(run, "metrics.json"), metrics)
     log("done: %d iterations in %.0f s; validation mean 3D Dice %.3f ± %.3f (ceiling %.3f, predicted/true %.2f); %s"
         % (solver.iter, elapsed, summary["mean_dice_3d"], summary["sd_dice_3d"], summary["ceiling_dice_3d"],
