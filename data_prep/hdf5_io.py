@@ -110,6 +110,13 @@ def read_augmented(folder) -> Dict[str, np.ndarray]:
     return {name: np.concatenate([p[name] for p in parts]) for name in DATASETS}
 
 
+def read_list(list_path) -> List[str]:
+    """The HDF5 paths of a Caffe HDF5Data list (train.txt, val.txt), resolved against the list's folder."""
+    folder = os.path.dirname(os.path.abspath(list_path))
+    with open(list_path) as f:
+        return [os.path.normpath(os.path.join(folder, line.strip())) for line in f if line.strip()]
+
+
 def count_images(path) -> int:
     with h5py.File(path, "r") as f:
         return int(f["data"].shape[0])

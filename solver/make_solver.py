@@ -32,17 +32,10 @@ from data_prep import hdf5_io
 from solver import profiles
 
 
-def read_list(list_path):
-    """The HDF5 paths of a Caffe HDF5Data list, resolved against the list's folder."""
-    folder = os.path.dirname(os.path.abspath(list_path))
-    with open(list_path) as f:
-        return [os.path.normpath(os.path.join(folder, line.strip())) for line in f if line.strip()]
-
-
 def count_images(list_path):
     """Total rows of 'data' over the HDF5 files of a list (= images Caffe iterates per pass; a file listed
     twice counts twice)."""
-    paths = read_list(list_path)
+    paths = hdf5_io.read_list(list_path)
     rows = {path: hdf5_io.count_images(path) for path in set(paths)}
     return sum(rows[path] for path in paths)
 

@@ -43,7 +43,7 @@ def display_image(image_chw):
 def fig5_curves(csv_path):
     """What Fig. 5 draws from a train_log.csv: (iterations, {patient: 3D Dice per point}, mean 3D Dice per
     point), over the rows that have a validation."""
-    rows = [r for r in train_log.read(csv_path) if not np.isnan(r.get("val_mean_dice_3d", float("nan")))]
+    rows = train_log.validated_rows(csv_path)
     patients = train_log.patient_columns(rows)
     return ([r["iteration"] for r in rows], {k: [r[k] for r in rows] for k in patients},
             [r["val_mean_dice_3d"] for r in rows])

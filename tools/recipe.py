@@ -75,18 +75,13 @@ def read_run(run):
     if os.path.exists(os.path.join(run, "metrics.json")):
         with open(os.path.join(run, "metrics.json")) as f:
             metrics = json.load(f)
-    rows = validated_rows(log)
+    rows = train_log.validated_rows(log)
     narrow_log = os.path.join(caffe_net.narrow_run(run), "train_log.csv")
     if os.path.exists(narrow_log):           # a narrow start: its curve first, the widened net's counted on
-        narrow_rows = validated_rows(narrow_log)
+        narrow_rows = train_log.validated_rows(narrow_log)
         offset = narrow_rows[-1]["iteration"] if narrow_rows else 0
         rows = narrow_rows + [dict(r, iteration=r["iteration"] + offset) for r in rows]
     return info, rows, metrics
-
-
-def validated_rows(log):
-    """The rows of a train_log.csv that hold a validation."""
-    return [r for r in train_log.read(log) if not np.isnan(r["val_mean_dice_3d"])]
 
 
 def summary_row(name, info, rows, metrics):

@@ -25,11 +25,6 @@ DEFAULT_SAMPLING = "image"
 BALANCED_LIST = "train_patient_balanced.txt"
 
 
-def read_lines(list_path):
-    with open(list_path) as f:
-        return [line.strip() for line in f if line.strip()]
-
-
 def patient_key(path):
     """The patient a listed file belongs to: its folder for make_data's one-image files (z0012_a3.h5 in
     patients/<id>_aug/), else the file itself (one file holding a patient's images)."""
@@ -69,7 +64,7 @@ def train_source(fold_dir, run, sampling=DEFAULT_SAMPLING, seed=0):
         raise ValueError("sampling must be one of %s, not %r" % (SAMPLINGS, sampling))
     if sampling == "image":
         return "train.txt"
-    paths = [os.path.normpath(os.path.join(fold_dir, p)) for p in read_lines(os.path.join(fold_dir, "train.txt"))]
+    paths = hdf5_io.read_list(os.path.join(fold_dir, "train.txt"))
     out = os.path.join(run, BALANCED_LIST)
     atomic.write_text(out, "".join(p + "\n" for p in patient_balanced(paths, seed)))
     return out

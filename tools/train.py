@@ -200,8 +200,7 @@ def prepare(a):
         net_kw["tumor_threshold"] = score.tumor_threshold(p["decision"], p["class_weights"])
     source = sampling.train_source(fold_dir, run, p["sampling"], a.seed)
     for split in ("train", "val", "deploy"):
-        netdef.write(os.path.join(run, split + ".prototxt"), split=split,
-                     **dict(net_kw, **({"train_source": source} if split == "train" else {})))
+        netdef.write(os.path.join(run, split + ".prototxt"), split=split, train_source=source, **net_kw)
     epoch = make_solver.epoch_size(data, a.fold, p["batch_size"] * p["iter_size"],
                                    list_path=os.path.join(fold_dir, source))
     if a.max_iter:

@@ -13,6 +13,7 @@ Columns: FIXED_COLUMNS, then one column per validation patient (pseudonym: its 3
 """
 import csv
 import io
+import math
 import os
 
 import atomic
@@ -47,6 +48,11 @@ def read(csv_path):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     return [{k: (float(v) if v not in ("", None) else float("nan")) for k, v in r.items()} for r in rows]
+
+
+def validated_rows(csv_path):
+    """read()'s rows that hold a validation (a row without one: a stop between validations)."""
+    return [r for r in read(csv_path) if not math.isnan(r.get("val_mean_dice_3d", float("nan")))]
 
 
 def patient_columns(rows):
