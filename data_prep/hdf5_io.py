@@ -110,11 +110,17 @@ def read_augmented(folder) -> Dict[str, np.ndarray]:
     return {name: np.concatenate([p[name] for p in parts]) for name in DATASETS}
 
 
-def read_list(list_path) -> List[str]:
-    """The HDF5 paths of a Caffe HDF5Data list (train.txt, val.txt), resolved against the list's folder."""
-    folder = os.path.dirname(os.path.abspath(list_path))
+def list_lines(list_path) -> List[str]:
+    """The entries of a Caffe HDF5Data list as written (one per line, blank lines skipped)."""
     with open(list_path) as f:
-        return [os.path.normpath(os.path.join(folder, line.strip())) for line in f if line.strip()]
+        return [line.strip() for line in f if line.strip()]
+
+
+def read_list(list_path, base=None) -> List[str]:
+    """The HDF5 paths of a Caffe HDF5Data list (train.txt, val.txt), resolved against `base`: Caffe resolves
+    them against its cwd, which tools/train.py makes DATA/fold<k>; default the list's own folder."""
+    base = base or os.path.dirname(os.path.abspath(list_path))
+    return [os.path.normpath(os.path.join(base, line)) for line in list_lines(list_path)]
 
 
 def count_images(path) -> int:

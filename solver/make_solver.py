@@ -32,19 +32,21 @@ from data_prep import hdf5_io
 from solver import profiles
 
 
-def count_images(list_path):
+def count_images(list_path, base=None):
     """Total rows of 'data' over the HDF5 files of a list (= images Caffe iterates per pass; a file listed
-    twice counts twice)."""
-    paths = hdf5_io.read_list(list_path)
+    twice counts twice); base: the folder its paths are relative to (hdf5_io.read_list)."""
+    paths = hdf5_io.read_list(list_path, base)
     rows = {path: hdf5_io.count_images(path) for path in set(paths)}
     return sum(rows[path] for path in paths)
 
 
 def epoch_size(data_dir, fold, images_per_iteration=paper.BATCH_SIZE, list_path=None):
     """Iterations (solver updates) of one epoch for DATA/fold<k> at `images_per_iteration` (batch x iter_size);
-    list_path: the list the train net reads, when not the fold's train.txt (tools/sampling.py)."""
-    list_path = list_path or os.path.join(data_dir, "fold%d" % fold, "train.txt")
-    images = count_images(list_path)
+    list_path: the list the train net reads, when not the fold's train.txt (tools/sampling.py); its paths are
+    relative to DATA/fold<k>, Caffe's cwd, as train.txt's."""
+    fold_dir = os.path.join(data_dir, "fold%d" % fold)
+    list_path = list_path or os.path.join(fold_dir, "train.txt")
+    images = count_images(list_path, base=fold_dir)
     if images == 0:
         raise ValueError("%s lists no training images" % list_path)
     return int(math.ceil(images / float(images_per_iteration)))

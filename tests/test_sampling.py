@@ -43,19 +43,22 @@ def test_each_patient_equally_often_with_distinct_files_in_the_remainder():
     assert sampling.patient_balanced([]) == []
 
 
-def test_balanced_list_is_what_the_solver_counts_and_caffe_reads(tmp_path):
-    fold_dir = _cohort(str(tmp_path / "data"), slices=[6, 2, 1])
-    run = str(tmp_path / "run")
+def test_balanced_list_is_what_the_solver_counts_and_caffe_reads(tmp_path, monkeypatch):
+    data = str(tmp_path / "my data é")           # Caffe splits a list at whitespace: its lines stay relative
+    fold_dir = _cohort(data, slices=[6, 2, 1])
+    run = str(tmp_path / "run ü")
     os.makedirs(run)
     assert sampling.train_source(fold_dir, run, "image") == "train.txt"
     assert not os.path.exists(os.path.join(run, sampling.BALANCED_LIST))
     source = sampling.train_source(fold_dir, run, "patient", seed=0)
     assert os.path.isabs(source) and os.path.dirname(source) == run
-    assert make_solver.epoch_size(str(tmp_path / "data"), 0) == 18           # 2 x (6 + 2 + 1) images
-    assert make_solver.epoch_size(str(tmp_path / "data"), 0, list_path=source) == 36   # 3 patients x 12
+    assert open(source).read().split() == [line for line in open(source).read().splitlines()]
+    assert make_solver.epoch_size(data, 0) == 18           # 2 x (6 + 2 + 1) images
+    assert make_solver.epoch_size(data, 0, list_path=source) == 36   # 3 patients x 12
     with pytest.raises(ValueError):
         sampling.train_source(fold_dir, run, "slice")
-    # Caffe's HDF5Data, shuffling, draws each patient 12 times in one pass over the list
+    # Caffe's HDF5Data, shuffling, draws each patient 12 times in one pass over the list, with its cwd the
+    # fold's folder as tools/train.py runs it
     n = caffe.NetSpec()
     n.data, n.label = L.HDF5Data(ntop=2, hdf5_data_param=dict(source=source, batch_size=1, shuffle=True))
     n.silence = L.Silence(n.label, ntop=0)
@@ -63,6 +66,7 @@ def test_balanced_list_is_what_the_solver_counts_and_caffe_reads(tmp_path):
     with open(path, "w") as f:
         f.write(str(n.to_proto()))
     caffe.set_random_seed(0)
+    monkeypatch.chdir(fold_dir)
     net = caffe.Net(path, caffe.TRAIN)
     drawn = collections.Counter(int(net.forward()["data"][0, 0, 0, 0]) for _ in range(36))
     assert drawn == {1: 12, 2: 12, 3: 12}

@@ -59,12 +59,14 @@ def patient_balanced(paths, seed=0):
 
 def train_source(fold_dir, run, sampling=DEFAULT_SAMPLING, seed=0):
     """The HDF5 list the run's train net reads: "train.txt" (relative to fold_dir, Caffe's cwd) for "image";
-    for "patient" RUN/train_patient_balanced.txt with absolute paths, written atomically."""
+    for "patient" RUN/train_patient_balanced.txt, written atomically, whose lines are train.txt's: relative
+    to fold_dir (Caffe splits a list at whitespace, so an absolute path under a folder with a space in its
+    name would not be read)."""
     if sampling not in SAMPLINGS:
         raise ValueError("sampling must be one of %s, not %r" % (SAMPLINGS, sampling))
     if sampling == "image":
         return "train.txt"
-    paths = hdf5_io.read_list(os.path.join(fold_dir, "train.txt"))
+    paths = hdf5_io.list_lines(os.path.join(fold_dir, "train.txt"))
     out = os.path.join(run, BALANCED_LIST)
     atomic.write_text(out, "".join(p + "\n" for p in patient_balanced(paths, seed)))
     return out
